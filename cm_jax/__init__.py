@@ -1,0 +1,1 @@
+"""cm_jax: Consistency Models (Song et al. 2023) in JAX/Flax."""
