@@ -1,0 +1,1 @@
+"""Sample-quality metrics: feature maths (`metrics`) and the embedded digits metric (`digits_metric`)."""

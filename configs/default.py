@@ -1,0 +1,132 @@
+"""Every field a cm_jax run reads, with defaults. Experiment files override these.
+
+Not launched by itself: each experiment file under configs/ starts from `get_config()` and changes what
+its paper run changes. Any field can be overridden on the command line, e.g.
+`python launch.py --config=configs/digits_edm.py --workdir=/tmp/run --config.training.lr=1e-4`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # Which objective trains the network: 'edm' (diffusion teacher), 'cd' (consistency distillation) or
+  # 'ct' (consistency training; the iCT improvements are switches under `consistency`).
+  config.method = 'edm'
+  config.seed = 0
+  # Resuming a workdir whose saved config differs (beyond step counts, logging and sampling) is
+  # refused unless this is set.
+  config.allow_other_config = False
+
+  config.data = data = ml_collections.ConfigDict()
+  # A TFDS name: 'sklearn_digits' (embedded, built locally), 'cifar10', 'downsampled_imagenet/64x64',
+  # 'lsun/bedroom', ...
+  data.name = 'sklearn_digits'
+  data.data_dir = ''  # '' means the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+  data.split = 'train'
+  data.eval_split = 'test'
+  data.image_size = 8
+  data.num_channels = 1
+  data.random_flip = False
+  data.num_classes = 10  # Labels the dataset has (for metrics); the network uses model.num_classes.
+
+  config.model = model = ml_collections.ConfigDict()
+  model.name = 'ncsnpp'
+  model.nf = 32
+  model.ch_mult = (1, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (4,)
+  model.dropout = 0.0
+  model.resamp_with_conv = True
+  model.fir = True
+  model.fir_kernel = (1, 3, 3, 1)
+  model.skip_rescale = True
+  model.resblock_type = 'biggan'  # 'biggan' | 'ddpm'
+  model.progressive = 'none'  # 'none' | 'output_skip' | 'residual'
+  model.progressive_input = 'residual'  # 'none' | 'input_skip' | 'residual'
+  model.progressive_combine = 'sum'  # 'sum' | 'cat'
+  model.init_scale = 0.0
+  model.embedding_type = 'fourier'  # 'fourier' | 'positional'
+  model.fourier_scale = 16.0
+  model.conv_size = 3
+  model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
+  model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # Noise levels and preconditioning (DESIGN.md: EDM/Karras).
+  model.sigma_min = 0.002
+  model.sigma_max = 80.0
+  model.sigma_data = 0.5
+  model.rho = 7.0
+  # The network is conditioned on c_noise = noise_cond_scale * ln(sigma) / 4. EDM uses 1; the
+  # consistency-model reference code uses 1000 (with the Fourier scale chosen to match).
+  model.noise_cond_scale = 1.0
+
+  # EDM teacher training (EDM paper): ln(sigma) ~ N(p_mean, p_std^2).
+  config.edm = edm = ml_collections.ConfigDict()
+  edm.p_mean = -1.2
+  edm.p_std = 1.2
+
+  # Consistency distillation and training (paper Alg. 2 and 3; iCT switches).
+  config.consistency = cons = ml_collections.ConfigDict()
+  cons.num_scales = 18  # N for CD, or the fixed N of CT when scale_schedule == 'fixed'.
+  cons.scale_schedule = 'fixed'  # 'fixed' | 'ct' (paper's N(k)) | 'ict' (exponential curriculum)
+  cons.start_scales = 2  # s0
+  cons.end_scales = 150  # s1
+  cons.target_ema = 0.0  # mu for CD / mu0 for CT's adaptive schedule.
+  cons.target_ema_schedule = 'fixed'  # 'fixed' | 'ct' (mu(k) = exp(s0 ln(mu0) / N(k)))
+  cons.distance = 'l2'  # 'l2' | 'l1' | 'pseudo_huber' | 'lpips'
+  cons.huber_c = -1.0  # < 0 means iCT's 0.00054 * sqrt(d).
+  cons.weighting = 'uniform'  # 'uniform' | 'ict' (1 / (sigma_{i+1} - sigma_i))
+  cons.noise_sampling = 'uniform'  # 'uniform' | 'lognormal' (iCT's discretised log-normal)
+  cons.p_mean = -1.1
+  cons.p_std = 2.0
+  cons.teacher_solver = 'heun'  # 'heun' | 'euler' (CD only)
+
+  # The EDM teacher of a CD run.
+  config.teacher = teacher = ml_collections.ConfigDict()
+  teacher.workdir = ''  # '' means <workdir>/teacher.
+  teacher.config = ''  # The teacher run's config file (its model must match this model).
+  teacher.train_if_missing = False  # Train the teacher into teacher.workdir first if it is not there.
+  teacher.ema_index = 0  # Which of the teacher run's EMA copies to distil.
+
+  config.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128  # Global batch over all devices and processes.
+  training.num_steps = 1000
+  training.optimizer = 'adam'  # 'adam' | 'radam'
+  training.lr = 2e-4
+  training.b1 = 0.9
+  training.b2 = 0.999
+  training.eps = 1e-8
+  training.weight_decay = 0.0
+  training.warmup_steps = 0
+  training.grad_clip = 1.0  # Global-norm clip; <= 0 disables it.
+  training.ema_decays = (0.999,)
+  training.log_every = 100
+  training.checkpoint_every = 500
+  training.keep_checkpoints = 3
+  training.sample_every = 0  # Sample grids during training; 0: only at the end.
+  training.num_grid_samples = 64
+  # Written when training ends: a samples npz (sampling.num_samples) and a grid for each sampler,
+  # plus the digits metric on the embedded dataset. '' means the method's default sampler.
+  training.final_samplers = ('',)
+
+  # Sampling (--mode=sample and the grids written during training).
+  config.sampling = sampling = ml_collections.ConfigDict()
+  sampling.sampler = ''  # '' picks the method's default: 'heun' for edm, 'multistep' otherwise.
+  sampling.num_steps = 18  # Heun/Euler steps of the EDM sampler (18 Heun steps = 35 NFE).
+  sampling.ts = (0,)  # Multistep time points as indices on the N-grid (paper's 2-step: e.g. (0, 11, 17)).
+  sampling.sigmas = ()  # Or as sigmas (takes precedence when given).
+  sampling.num_samples = 1000
+  sampling.batch_size = 500
+  sampling.ema_index = 0  # Which EMA copy to sample from; -1 samples the online params.
+  sampling.seed = 42
+
+  # Device mesh: data parallel over `data`, parameters and optimizer state sharded over `fsdp`.
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by fsdp.
+  mesh.fsdp = 1
+
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.num_samples = 1000
+  evaluation.stats_dir = ''  # '' means <workdir>/stats.
+
+  return config

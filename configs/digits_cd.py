@@ -1,0 +1,36 @@
+r"""The main job: consistency distillation on the embedded digits dataset, teacher included.
+
+  python launch.py --config=configs/digits_cd.py --workdir=runs/digits
+
+Trains the EDM teacher of configs/digits_edm.py into <workdir>/teacher (or reuses a finished one),
+distils it with CD (paper Alg. 2: N = 18, Heun teacher step, mu = 0, as CIFAR-10), and writes 1-step,
+2-step and teacher Heun (35 NFE) samples, grids and the digits metric under <workdir>.
+Variant `:l2` (default), `:l1` or `:pseudo_huber` picks the distance.
+"""
+
+from configs import default, digits_edm
+
+
+def get_config(distance: str = 'l2'):
+  config = default.get_config()
+  teacher = digits_edm.get_config()
+  config.model = teacher.model  # The student starts from the teacher's weights: same network.
+  config.model.dropout = 0.0  # As the paper's CD runs.
+  config.method = 'cd'
+  config.teacher.config = 'configs/digits_edm.py'
+  config.teacher.train_if_missing = True
+  config.consistency.num_scales = 18
+  config.consistency.teacher_solver = 'heun'
+  config.consistency.target_ema = 0.0
+  config.consistency.distance = distance
+  config.training.optimizer = 'radam'
+  config.training.batch_size = 128
+  config.training.num_steps = 3000
+  config.training.lr = 4e-4
+  config.training.ema_decays = (0.999,)
+  config.training.log_every = 200
+  config.training.checkpoint_every = 1000
+  config.training.final_samplers = ('onestep', 'multistep', 'teacher_heun')
+  config.sampling.ts = (0, 11, 17)  # The paper's CIFAR-10 2-step time points on the N = 18 grid.
+  config.sampling.num_samples = 1000
+  return config

@@ -1,0 +1,75 @@
+r"""Launch a cm_jax run: train, sample, edit or evaluate.
+
+  python launch.py --config=configs/digits_cd.py --workdir=/tmp/digits_cd
+  python launch.py --config=configs/digits_cd.py --workdir=/tmp/digits_cd --mode=sample \
+      --config.sampling.sampler=multistep
+
+Any config field can be overridden: --config.training.lr=1e-4. On TPU pods and SLURM, multi-host
+initialisation is automatic (--multihost=auto); elsewhere pass --coordinator_address,
+--num_processes and --process_id (or --multihost=off for one process).
+"""
+
+import os
+import sys
+
+# Keep TensorFlow (used only by TFDS and the summary writers) off the accelerators and quiet.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (path.py or path.py:variant).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where the run lives: checkpoints, logs, samples, metrics.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit', 'eval'], 'What to do.')
+flags.DEFINE_enum('multihost', 'auto', ['auto', 'on', 'off'],
+                  'jax.distributed.initialize: auto = when a cluster (TPU pod, SLURM) or the '
+                  'flags below say so; on = always; off = never.')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
+flags.DEFINE_integer('process_id', None, 'This process (multi-process runs).')
+flags.DEFINE_string('edit_input', '', 'Image file or folder to edit (--mode=edit); default: dataset.')
+flags.DEFINE_string('eval_samples', '', 'An existing samples npz to evaluate (--mode=eval).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _init_distributed() -> None:
+  import jax
+  explicit = FLAGS.coordinator_address is not None
+  cluster = any(k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
+                                          'CLOUD_TPU_TASK_ID'))
+  if FLAGS.multihost == 'off' or (FLAGS.multihost == 'auto' and not (explicit or cluster)):
+    return
+  if explicit:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  else:
+    jax.distributed.initialize()  # Detects TPU pods, SLURM and other supported clusters.
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
+  _init_distributed()
+  import jax
+  from cm_jax import run
+  logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  config = FLAGS.config
+  if FLAGS.mode == 'train':
+    run.train_and_finish(config, FLAGS.workdir)
+  elif FLAGS.mode == 'sample':
+    run.sample(config, FLAGS.workdir)
+  elif FLAGS.mode == 'edit':
+    from cm_jax import editing_cli
+    editing_cli.edit(config, FLAGS.workdir, FLAGS.edit_input)
+  elif FLAGS.mode == 'eval':
+    from cm_jax import evaluate
+    evaluate.evaluate(config, FLAGS.workdir, FLAGS.eval_samples)
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ import configs.default.
+  app.run(main)

@@ -1,0 +1,340 @@
+"""Tests of the embedded digits dataset and the input pipeline (offline, CPU, ~20 s)."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cm_jax import data
+from cm_jax.datasets import sklearn_digits
+from cm_jax.errors import ConfigError, DatasetNotFoundError
+from configs import default
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+  """Fails the test on any attempt to open a socket or to look at the GCS bucket."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'network access attempted: {args} {kwargs}')
+
+  monkeypatch.setattr(socket.socket, 'connect', refuse)
+  monkeypatch.setattr(socket, 'create_connection', refuse)
+  monkeypatch.setattr(tfds.core.utils.gcs_utils, 'exists', refuse)
+
+
+def data_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  config = default.get_config().data
+  config.data_dir = str(data_dir)
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir with sklearn_digits built into it once, offline."""
+  data_dir = tmp_path_factory.mktemp('tfds')
+  with mock.patch.object(socket.socket, 'connect', side_effect=AssertionError('network')), \
+      mock.patch.object(tfds.core.utils.gcs_utils, 'exists', side_effect=AssertionError('gcs')):
+    data.load_split(data_config(data_dir), 'test', process_index=0, process_count=1)
+  return str(data_dir)
+
+
+@pytest.fixture(scope='session')
+def digits_train(digits_dir) -> tuple[np.ndarray, np.ndarray]:
+  return data.load_split(data_config(digits_dir), 'train', process_index=0, process_count=1)
+
+
+def single_device_sharding() -> jax.sharding.NamedSharding:
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+
+
+def synthetic_arrays(num_examples: int, size: int = 4) -> tuple[np.ndarray, np.ndarray]:
+  """Images whose pixels are random, labels that are the example's index (to trace it)."""
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (num_examples, size, size, 1), dtype=np.uint8)
+  return images, np.arange(num_examples, dtype=np.int32)
+
+
+def synthetic_pipeline(num_examples: int, batch: int, seed: int = 0, **kwargs) -> data.InputPipeline:
+  arrays = kwargs.pop('arrays', None) or synthetic_arrays(num_examples)
+  config = data_config('', image_size=arrays[0].shape[1], **kwargs.pop('config', {}))
+  return data.InputPipeline(config, batch, seed, single_device_sharding(), arrays=arrays, **kwargs)
+
+
+# The embedded dataset.
+
+
+def test_digits_builder_matches_sklearn(digits_dir):
+  builder = tfds.builder('sklearn_digits', data_dir=digits_dir)
+  assert builder.is_prepared()
+  splits = builder.info.splits
+  assert splits['train'].num_examples + splits['test'].num_examples == 1797
+  assert splits['test'].num_examples == pytest.approx(0.2 * 1797, abs=10)
+  expected_images, expected_labels = sklearn_digits.load_scaled_digits()
+  assert expected_images.max() == 255 and expected_images.min() == 0
+  seen = []
+  for split in ('train', 'test'):
+    examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    index = examples['index']
+    assert examples['image'].dtype == np.uint8 and examples['image'].shape[1:] == (8, 8, 1)
+    np.testing.assert_array_equal(examples['image'], expected_images[index])
+    np.testing.assert_array_equal(examples['label'], expected_labels[index])
+    assert set(examples['label']) == set(range(10)), split
+    seen.append(index)
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(1797))
+
+
+def test_digits_split_is_fixed_and_stratified():
+  _, labels = sklearn_digits.load_scaled_digits()
+  first, second = sklearn_digits.split_indices(labels), sklearn_digits.split_indices(labels)
+  np.testing.assert_array_equal(first['test'], second['test'])
+  for label in range(10):
+    count = np.sum(labels == label)
+    assert np.sum(labels[first['test']] == label) == round(0.2 * count)
+
+
+def test_digits_reused_not_rebuilt(digits_dir, no_network):
+  with mock.patch.object(tfds.core.DatasetBuilder, 'download_and_prepare',
+                         side_effect=AssertionError('rebuilt')):
+    images, labels = data.load_split(data_config(digits_dir), 'test', 0, 1)
+  assert images.shape == (359, 8, 8, 1) and labels.dtype == np.int32
+
+
+def test_load_split_process_shards_partition_the_split(digits_dir, digits_train):
+  images, labels = digits_train
+  assert images.shape == (1438, 8, 8, 1) and images.dtype == np.uint8
+  for count in (2, 3):
+    shards = [data.load_split(data_config(digits_dir), 'train', i, count) for i in range(count)]
+    assert max(len(s[1]) for s in shards) - min(len(s[1]) for s in shards) <= 1
+    np.testing.assert_array_equal(np.concatenate([s[0] for s in shards]), images)
+    np.testing.assert_array_equal(np.concatenate([s[1] for s in shards]), labels)
+
+
+# Errors a user can cause.
+
+
+def test_missing_dataset_says_how_to_prepare_and_downloads_nothing(tmp_path, no_network):
+  with pytest.raises(DatasetNotFoundError) as info:
+    data.load_split(data_config(tmp_path, name='cifar10', image_size=32, num_channels=3),
+                    'train', 0, 1)
+  message = str(info.value)
+  assert "tfds.builder('cifar10'" in message and 'download_and_prepare()' in message
+  assert f'--config.data.data_dir={tmp_path}' in message
+  assert not list(tmp_path.rglob('*.tfrecord*'))  # Nothing was fetched.
+
+
+def test_unknown_dataset_name(tmp_path, no_network):
+  with pytest.raises(DatasetNotFoundError, match='no_such_dataset'):
+    data.load_split(data_config(tmp_path, name='no_such_dataset'), 'train', 0, 1)
+
+
+@pytest.mark.parametrize('overrides, match', [
+    ({'image_size': 32}, 'has 8x8x1 images .* set --config.data.image_size=8[.]'),
+    ({'num_channels': 3}, 'set --config.data.num_channels=1[.]'),
+    # Checked from the metadata, before the (missing) data is needed.
+    ({'name': 'cifar10'}, 'image_size=32 --config.data.num_channels=3'),
+])
+def test_image_shape_mismatch(digits_dir, overrides, match, no_network):
+  with pytest.raises(ConfigError, match=match):
+    data.load_split(data_config(digits_dir, **overrides), 'train', 0, 1)
+
+
+def test_unknown_split(digits_dir):
+  with pytest.raises(ConfigError, match='validation'):
+    data.load_split(data_config(digits_dir), 'validation', 0, 1)
+
+
+def test_batch_that_does_not_divide_over_processes():
+  with pytest.raises(ConfigError, match='multiple of 3'):
+    synthetic_pipeline(100, batch=32, process_index=0, process_count=3)
+  with pytest.raises(ConfigError, match='multiple of 1'):
+    synthetic_pipeline(100, batch=0)
+
+
+def test_arrays_of_wrong_shape():
+  with pytest.raises(ConfigError, match='image_size'):
+    synthetic_pipeline(10, batch=2, arrays=synthetic_arrays(10, size=4), config={'num_channels': 3})
+
+
+# Order, determinism and sharding.
+
+
+def test_same_step_same_batch_and_resume(digits_dir, digits_train):
+  config = data_config(digits_dir)
+  pipeline = data.InputPipeline(config, 64, 7, single_device_sharding())
+  batches = [pipeline.get_batch(step) for step in range(40)]  # Crosses an epoch at step 22.
+  resumed = data.InputPipeline(config, 64, 7, single_device_sharding())
+  for step in (39, 22, 3):
+    np.testing.assert_array_equal(resumed.get_batch(step)['image'], batches[step]['image'])
+    np.testing.assert_array_equal(resumed.get_batch(step)['label'], batches[step]['label'])
+  assert not np.array_equal(batches[0]['image'], batches[1]['image'])
+  other_seed = data.InputPipeline(config, 64, 8, single_device_sharding(), arrays=digits_train)
+  assert not np.array_equal(other_seed.get_batch(0)['image'], batches[0]['image'])
+
+
+def test_get_batch_layout_and_range(digits_dir, digits_train):
+  sharding = single_device_sharding()
+  pipeline = data.InputPipeline(data_config(digits_dir), 128, 0, sharding)
+  batch = pipeline.get_batch(5)
+  assert batch['image'].shape == (128, 8, 8, 1) and batch['image'].dtype == np.float32
+  assert batch['label'].shape == (128,) and batch['label'].dtype == np.int32
+  assert batch['image'].sharding.is_equivalent_to(sharding, 4)
+  assert batch['label'].sharding.spec == jax.sharding.PartitionSpec(('data', 'fsdp'))
+  images = np.asarray(batch['image'])
+  assert images.min() == -1.0 and images.max() == 1.0  # Digits have both 0 and 255 pixels.
+  indices = pipeline.local_indices(5)
+  np.testing.assert_allclose(images, data.to_float(digits_train[0][indices]), atol=1e-6)
+  np.testing.assert_array_equal(batch['label'], digits_train[1][indices])
+
+
+def test_epoch_covers_every_example_once():
+  pipeline = synthetic_pipeline(96, batch=32, seed=3)
+  orders = [np.concatenate([pipeline.local_batch(step)['label'] for step in range(e * 3, e * 3 + 3)])
+            for e in range(2)]
+  for order in orders:
+    np.testing.assert_array_equal(np.sort(order), np.arange(96))
+  assert not np.array_equal(orders[0], orders[1])  # Each epoch has its own permutation.
+
+
+@pytest.mark.parametrize('batch', [32, 256])  # Batches crossing one, or spanning several, epochs.
+def test_order_is_the_concatenated_epoch_permutations(batch):
+  num_examples, seed = 100, 5
+  pipeline = synthetic_pipeline(num_examples, batch=batch, seed=seed)
+  stream = np.concatenate([np.random.default_rng([seed, e]).permutation(num_examples)
+                           for e in range(batch * 10 // num_examples + 1)])
+  for step in range(10):
+    np.testing.assert_array_equal(pipeline.local_batch(step)['label'],
+                                  stream[step * batch:(step + 1) * batch])
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_global_batch_independent_of_process_count(flip):
+  arrays = synthetic_arrays(100)
+  config = {'random_flip': flip}
+  whole = synthetic_pipeline(100, batch=64, arrays=arrays, config=config)
+  halves = [synthetic_pipeline(100, batch=64, arrays=arrays, config=config, process_index=i,
+                               process_count=2) for i in range(2)]
+  for step in (0, 1, 7):
+    expected = whole.local_batch(step)
+    parts = [half.local_batch(step) for half in halves]
+    assert len(parts[0]['label']) == 32
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+  with pytest.raises(RuntimeError, match='local_batch'):
+    halves[0].get_batch(0)
+
+
+def test_random_flips_are_mirror_images():
+  images, labels = synthetic_arrays(100)
+  pipeline = synthetic_pipeline(100, batch=64, arrays=(images, labels), config={'random_flip': True})
+  flipped_count = 0
+  for step in range(4):
+    batch = pipeline.local_batch(step)
+    original = images[batch['label']]
+    flipped = np.all(batch['image'] == original[:, :, ::-1], axis=(1, 2, 3))
+    kept = np.all(batch['image'] == original, axis=(1, 2, 3))
+    assert np.all(flipped | kept)
+    flipped_count += flipped.sum()
+    np.testing.assert_array_equal(pipeline.local_batch(step)['image'], batch['image'])
+  assert 0.3 < flipped_count / 256 < 0.7
+  unflipped = synthetic_pipeline(100, batch=64, arrays=(images, labels))
+  np.testing.assert_array_equal(unflipped.local_batch(0)['image'],
+                                images[unflipped.local_batch(0)['label']])
+
+
+def test_uint8_float_round_trip():
+  values = np.arange(256, dtype=np.uint8)
+  floats = data.to_float(values)
+  assert floats.dtype == np.float32 and floats[0] == -1.0 and floats[-1] == 1.0
+  np.testing.assert_array_equal(data.to_uint8(floats), values)
+  np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 0.0, 1.001, 7.0])), [0, 128, 255, 255])
+
+
+def test_center_crop_resize():
+  wide = np.zeros((6, 10, 3), np.uint8)
+  wide[:, 2:8] = 200  # The central 6x6 square.
+  cropped = data._center_crop_resize(tf.constant(wide), 6).numpy()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(cropped, np.full((6, 6, 3), 200, np.uint8))
+  resized = data._center_crop_resize(tf.constant(wide), 3).numpy()  # pylint: disable=protected-access
+  np.testing.assert_array_equal(resized, np.full((3, 3, 3), 200, np.uint8))
+
+
+@pytest.mark.parametrize('name, size', [('cifar10', 32), ('lsun/bedroom', 16)])
+def test_named_tfds_dataset_with_mock_data(tmp_path, name, size, no_network):
+  config = data_config(tmp_path, name=name, image_size=size, num_channels=3)
+  # mock_data fakes the reading but not `is_prepared`.
+  with tfds.testing.mock_data(num_examples=6), \
+      mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True):
+    images, labels = data.load_split(config, 'train', 0, 1)
+  assert images.shape == (6, size, size, 3) and images.dtype == np.uint8
+  assert labels.shape == (6,) and labels.dtype == np.int32
+
+
+_TWO_PROCESS_WORKER = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=process_id,
+                               initialization_timeout=60)
+    from cm_jax import data
+    from configs import default
+    assert (jax.process_count(), jax.device_count()) == (2, 4)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2), ('data', 'fsdp'))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+    config = default.get_config().data  # data_dir '' reads $TFDS_DATA_DIR.
+    config.random_flip = True
+    try:
+      data.InputPipeline(config, 6, 0, sharding)
+      sys.exit('no ConfigError for a batch of 6 on 4 devices')
+    except data.ConfigError as e:
+      assert 'multiple of 4' in str(e), e
+    batch = data.InputPipeline(config, 64, 0, sharding).get_batch(30)
+    pieces = {}
+    for name, array in batch.items():
+      for shard in array.addressable_shards:
+        pieces[f'{name}_{shard.index[0].start}'] = np.asarray(shard.data)
+    np.savez(out, **pieces)
+""")
+
+
+def test_two_processes_build_the_same_global_batch(digits_dir, tmp_path):
+  """2 real JAX processes x 2 CPU devices: together they hold the single-device global batch."""
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]
+  env = dict(os.environ, TFDS_DATA_DIR=digits_dir, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  workers = [subprocess.Popen(
+      [sys.executable, '-c', _TWO_PROCESS_WORKER, str(i), str(port), str(tmp_path / f'{i}.npz')],
+      env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+  for worker in workers:
+    output, _ = worker.communicate(timeout=150)
+    assert worker.returncode == 0, output[-3000:]
+  expected = data.InputPipeline(data_config(digits_dir, random_flip=True), 64, 0,
+                                single_device_sharding()).get_batch(30)
+  got = {'image': np.zeros((64, 8, 8, 1), np.float32), 'label': np.full((64,), -1, np.int32)}
+  starts = []
+  for i in range(2):
+    for key, piece in np.load(tmp_path / f'{i}.npz').items():
+      name, start = key.split('_')
+      got[name][int(start):int(start) + len(piece)] = piece
+      starts.append((i, name, int(start)))
+  assert sorted(start for i, name, start in starts if name == 'label') == [0, 16, 32, 48]
+  assert all((start >= 32) == bool(i) for i, _, start in starts)  # Each process: its half.
+  np.testing.assert_array_equal(got['image'], np.asarray(expected['image']))
+  np.testing.assert_array_equal(got['label'], np.asarray(expected['label']))
