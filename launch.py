@@ -34,6 +34,14 @@ flags.DEFINE_string('eval_samples', '', 'An existing samples npz to evaluate (--
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries:
+  """Drop INFO lines from Orbax and TFDS internals: they bury the run's own progress lines."""
+
+  def filter(self, record) -> bool:
+    noisy = ('/orbax/', '/tensorflow_datasets/')
+    return record.levelno > 20 or not any(part in record.pathname for part in noisy)
+
+
 def _init_distributed() -> None:
   import jax
   explicit = FLAGS.coordinator_address is not None
@@ -47,17 +55,43 @@ def _init_distributed() -> None:
     jax.distributed.initialize()  # Detects TPU pods, SLURM and other supported clusters.
 
 
+def _parse_flags(argv):
+  """absl flag parsing, with a plain message for an override path the config does not have."""
+  try:
+    return FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    from cm_jax import config_utils
+    from cm_jax.errors import ConfigError
+    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+    keys = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    try:
+      if spec is not None:
+        config_utils.check_override_keys(config_utils.load_config_file(spec), keys)
+    except ConfigError as config_error:
+      sys.exit(f'Config error: {config_error}')
+    sys.exit(f'Config error: {error}')
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
   _init_distributed()
   import jax
-  from cm_jax import run
   logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  config = FLAGS.config
+  from cm_jax.errors import USER_ERRORS
+  try:
+    _run_mode(FLAGS.config)
+  except USER_ERRORS as error:
+    logging.error('%s: %s', type(error).__name__, error)
+    sys.exit(f'{type(error).__name__}: {error}')
+
+
+def _run_mode(config) -> None:
+  from cm_jax import run
   if FLAGS.mode == 'train':
     run.train_and_finish(config, FLAGS.workdir)
   elif FLAGS.mode == 'sample':
@@ -72,4 +106,4 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # configs/ import configs.default.
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

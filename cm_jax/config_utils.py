@@ -45,6 +45,20 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def check_override_keys(config: ml_collections.ConfigDict, dotted_keys) -> None:
+  """Raise ConfigError naming the valid keys for the first override path the config lacks."""
+  for dotted in dotted_keys:
+    node, walked = config, []
+    for part in dotted.split('.'):
+      if not isinstance(node, (dict, ml_collections.ConfigDict)) or part not in node:
+        where = '.'.join(walked) or 'the config'
+        valid = sorted(node.keys()) if isinstance(node, (dict, ml_collections.ConfigDict)) else []
+        hint = f'valid keys of {where}: {", ".join(valid)}' if valid else f'{where} is not a section'
+        raise ConfigError(f'--config.{dotted}: there is no {part!r} in {where} ({hint}).')
+      node = node[part]
+      walked.append(part)
+
+
 def _get(config, dotted: str):
   value = config
   for part in dotted.split('.'):

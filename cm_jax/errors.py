@@ -22,3 +22,7 @@ class WorkdirError(ValueError):
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+# What launch.py reports as a one-line error instead of a traceback.
+USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError)

@@ -1,0 +1,166 @@
+"""Networks: `get_network(config.model, image_size, num_channels)` builds and checks one.
+
+Usage:
+  net = get_network(config.model, image_size, num_channels)
+  variables = net.init({'params': key, 'dropout': key2}, x, noise_cond, labels, train=False)
+  out = net.apply({'params': params}, x, noise_cond, labels, train=True, rngs={'dropout': key})
+
+x is [B, H, W, C], noise_cond the [B] noise conditioning (c_noise, already computed), labels [B] int32 or
+None. The output has x's shape and is float32.
+"""
+
+import numbers
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import ml_collections
+
+from cm_jax.errors import ConfigError
+from cm_jax.networks import layers
+from cm_jax.networks.ncsnpp import NCSNpp
+
+__all__ = ['NCSNpp', 'get_network']
+
+_NETWORKS = ('ncsnpp',)
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_CHOICES = {
+    'resblock_type': ('biggan', 'ddpm'),
+    'progressive': ('none', 'output_skip', 'residual'),
+    'progressive_input': ('none', 'input_skip', 'residual'),
+    'progressive_combine': ('sum', 'cat'),
+    'embedding_type': ('fourier', 'positional'),
+}
+
+
+def _get(model_config: ml_collections.ConfigDict, key: str) -> Any:
+  try:
+    return model_config[key]
+  except (KeyError, AttributeError):
+    raise ConfigError(f'config.model.{key} is missing; see configs/default.py for its default.') from None
+
+
+def _int_tuple(model_config: ml_collections.ConfigDict, key: str, allow_empty: bool) -> tuple[int, ...]:
+  value = _get(model_config, key)
+  if isinstance(value, numbers.Integral):
+    value = (value,)
+  if (not isinstance(value, Sequence) or isinstance(value, str)
+      or not all(isinstance(v, numbers.Integral) and v > 0 for v in value)
+      or (not value and not allow_empty)):
+    raise ConfigError(f'config.model.{key} must be a tuple of positive integers, got {value!r}.')
+  return tuple(int(v) for v in value)
+
+
+def _positive_int(model_config: ml_collections.ConfigDict, key: str, minimum: int = 1) -> int:
+  value = _get(model_config, key)
+  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+    raise ConfigError(f'config.model.{key} must be an integer >= {minimum}, got {value!r}.')
+  return int(value)
+
+
+def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_channels: int) -> nn.Module:
+  """Builds the network that `model_config.name` names, after checking the config against the data.
+
+  Args:
+    model_config: `config.model` (fields in configs/default.py).
+    image_size: height and width of the (square) images.
+    num_channels: image channels; the output has as many.
+
+  Returns:
+    An unbound Flax module with the interface in this package's docstring.
+
+  Raises:
+    ConfigError: an unknown network or value, or one that does not fit the image size.
+  """
+  name = _get(model_config, 'name')
+  if name not in _NETWORKS:
+    raise ConfigError(f'config.model.name={name!r} is not a known network; use one of {_NETWORKS}.')
+  if not isinstance(image_size, numbers.Integral) or image_size < 1:
+    raise ConfigError(f'The image size must be a positive integer, got {image_size!r}.')
+  if not isinstance(num_channels, numbers.Integral) or num_channels < 1:
+    raise ConfigError(f'The number of image channels must be a positive integer, got {num_channels!r}.')
+
+  choices = {}
+  for key, allowed in _CHOICES.items():
+    value = _get(model_config, key)
+    value = value.lower() if isinstance(value, str) else value
+    if value not in allowed:
+      raise ConfigError(f'config.model.{key}={value!r} is unknown; use one of {allowed}.')
+    choices[key] = value
+
+  nf = _positive_int(model_config, 'nf')
+  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
+  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
+  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
+  conv_size = _positive_int(model_config, 'conv_size')
+  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
+  if conv_size % 2 == 0:
+    raise ConfigError(f'config.model.conv_size must be odd (for "same" padding), got {conv_size}.')
+
+  # Each level but the last halves the resolution, which must stay an integer.
+  downsamplings = len(ch_mult) - 1
+  if image_size % 2**downsamplings:
+    raise ConfigError(
+        f'config.model.ch_mult={ch_mult} has {len(ch_mult)} levels, so the image size must be divisible '
+        f'by 2**{downsamplings}={2**downsamplings}; got {image_size}. Use fewer levels.')
+  resolutions = tuple(image_size // 2**i for i in range(len(ch_mult)))
+  unreached = sorted(set(attn_resolutions) - set(resolutions))
+  if unreached:
+    raise ConfigError(
+        f'config.model.attn_resolutions={attn_resolutions} includes {unreached}, which the U-Net never '
+        f'reaches: with image size {image_size} and ch_mult={ch_mult} its resolutions are {resolutions}.')
+
+  # GroupNorm needs channels divisible by min(channels // 4, 32) groups, at least one group. The input
+  # pyramid's concatenation ('input_skip' with 'cat') doubles a level's channels.
+  widths = {nf} | {nf * m for m in ch_mult}
+  if choices['progressive_input'] == 'input_skip' and choices['progressive_combine'] == 'cat':
+    widths |= {2 * nf * m for m in ch_mult}
+  for width in sorted(widths):
+    groups = layers.num_groups(width)
+    if groups < 1 or width % groups:
+      raise ConfigError(
+          f'A layer of {width} channels (from nf={nf}, ch_mult={ch_mult}) does not split into '
+          f'min(C // 4, 32)={groups} GroupNorm groups; use nf and ch_mult giving multiples of 4 below 128 '
+          'channels and of 32 above.')
+
+  dropout = _get(model_config, 'dropout')
+  if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    raise ConfigError(f'config.model.dropout must be in [0, 1), got {dropout!r}.')
+  fourier_scale = _get(model_config, 'fourier_scale')
+  if choices['embedding_type'] == 'fourier' and (
+      not isinstance(fourier_scale, numbers.Real) or fourier_scale <= 0):
+    raise ConfigError(f'config.model.fourier_scale must be positive, got {fourier_scale!r}.')
+  init_scale = _get(model_config, 'init_scale')
+  if not isinstance(init_scale, numbers.Real) or init_scale < 0:
+    raise ConfigError(f'config.model.init_scale must be >= 0 (0 means 1e-10), got {init_scale!r}.')
+  fir_kernel = _get(model_config, 'fir_kernel')
+  try:
+    layers.fir_kernel_1d(fir_kernel)
+  except (ValueError, TypeError):
+    raise ConfigError(
+        f'config.model.fir_kernel must be a 1-D sequence of numbers with a non-zero sum, e.g. (1, 3, 3, 1); '
+        f'got {fir_kernel!r}.') from None
+  dtype = _get(model_config, 'dtype')
+  if dtype not in _DTYPES:
+    raise ConfigError(f'config.model.dtype={dtype!r} is unknown; use one of {tuple(_DTYPES)}.')
+  flags = {}
+  for key in ('resamp_with_conv', 'fir', 'skip_rescale'):
+    flags[key] = _get(model_config, key)
+    if not isinstance(flags[key], bool):
+      raise ConfigError(f'config.model.{key} must be True or False, got {flags[key]!r}.')
+
+  return NCSNpp(
+      nf=nf,
+      ch_mult=ch_mult,
+      num_res_blocks=num_res_blocks,
+      attn_resolutions=attn_resolutions,
+      dropout=float(dropout),
+      fir_kernel=tuple(float(k) for k in fir_kernel),
+      init_scale=float(init_scale),
+      fourier_scale=float(fourier_scale),
+      conv_size=conv_size,
+      num_classes=num_classes,
+      dtype=_DTYPES[dtype],
+      **flags,
+      **choices,
+  )

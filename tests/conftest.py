@@ -1,0 +1,39 @@
+"""Shared fixtures: the embedded digits dataset and the metric cache live in per-session temp dirs."""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _isolated_caches(tmp_path_factory):
+  """Never read or write the user's ~/.cache/cm_jax from tests."""
+  old = os.environ.get('CM_JAX_CACHE')
+  os.environ['CM_JAX_CACHE'] = str(tmp_path_factory.mktemp('cm_jax_cache'))
+  yield
+  if old is None:
+    os.environ.pop('CM_JAX_CACHE', None)
+  else:
+    os.environ['CM_JAX_CACHE'] = old
+
+
+@pytest.fixture(scope='session')
+def digits_data_dir(tmp_path_factory) -> str:
+  """A TFDS data_dir holding the embedded digits dataset, built once per session."""
+  from cm_jax import data
+  from configs import default
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config = default.get_config()
+  config.data.data_dir = data_dir
+  data.load_split(config.data, 'test')  # Builds the dataset on first use.
+  return data_dir
+
+
+def pytest_configure(config):
+  """Share compiled executables between tests that build the same step (a persistent XLA cache)."""
+  del config
+  import tempfile
+  import jax
+  cache = os.environ.get('CM_JAX_TEST_XLA_CACHE') or tempfile.mkdtemp(prefix='cm_jax_xla_')
+  jax.config.update('jax_compilation_cache_dir', cache)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -1,0 +1,132 @@
+"""The training loop end to end on tiny models: resume equivalence, errors, the non-finite guard."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cm_jax import run, train
+from cm_jax.errors import ConfigError, DatasetNotFoundError, NonFiniteLossError, WorkdirError
+from tests import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, digits_data_dir):
+  full = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=6), str(tmp_path / 'a'))
+  first = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=3), str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=6), str(tmp_path / 'b'))
+  assert [s for s, _ in first['losses']] == [0, 1, 2]
+  assert [s for s, _ in resumed['losses']] == [3, 4, 5]  # Started at the saved step, not from 0.
+  assert dict(full['losses']) == dict(first['losses'] + resumed['losses'])  # Bitwise on CPU.
+  for a, b in zip(jax.tree.leaves(full['state'].params), jax.tree.leaves(resumed['state'].params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, digits_data_dir):
+  workdir = str(tmp_path / 'run')
+  out = run.train_and_finish(tiny.edm_config(digits_data_dir, steps=2), workdir)
+  result = out['samples']['heun']
+  assert result['nfe'] == 5  # 3 Heun levels = 2 Heun steps + 1 Euler step.
+  with np.load(result['npz']) as npz:
+    assert npz['arr_0'].shape == (16, 8, 8, 1) and npz['arr_0'].dtype == np.uint8
+  assert os.path.basename(result['npz']) == 'samples_16x8x8x1.npz'
+  assert os.path.exists(result['grid'])
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))
+  with open(os.path.join(workdir, 'metrics.json')) as f:
+    assert 'digits_fd' in json.load(f)['heun_nfe5']
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_edm_loss_decreases_on_digits(tmp_path, digits_data_dir):
+  config = tiny.edm_config(digits_data_dir, steps=300)
+  config.model.nf, config.training.lr, config.training.batch_size = 16, 2e-3, 32
+  config.training.log_every, config.training.checkpoint_every = 100, 300
+  losses = np.array([loss for _, loss in train.train_and_evaluate(config, str(tmp_path))['losses']])
+  # The EDM weighting makes the loss ~1 for a network that outputs 0 (D = c_skip x); learning
+  # the digits brings it well below.
+  assert losses[:20].mean() > 0.8
+  assert losses[-50:].mean() < 0.6 * losses[:20].mean()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digits_data_dir):
+  config = tiny.edm_config(digits_data_dir, steps=40)
+  # Step 0's update makes the params ~1e30 (finite, saved at step 1); step 1 overflows.
+  config.training.lr, config.training.grad_clip, config.training.checkpoint_every = 1e30, 0.0, 1
+  with pytest.raises(NonFiniteLossError, match='last good checkpoint') as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  ckpt_steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
+  assert ckpt_steps, 'a checkpoint before the blow-up is kept'
+  # The kept checkpoint restores to finite params.
+  config.training.lr = 1e-4
+  exp, state, _, step = run.restore_for_sampling(config, str(tmp_path))
+  assert step == ckpt_steps[-1] and f'step {step}' in str(info.value)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, digits_data_dir):
+  train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path))
+  other = tiny.edm_config(digits_data_dir, steps=4)
+  other.training.lr = 5e-4
+  with pytest.raises(WorkdirError, match='training.lr'):
+    train.train_and_evaluate(other, str(tmp_path))
+  other.allow_other_config = True
+  assert train.train_and_evaluate(other, str(tmp_path))['step'] == 4
+
+
+def test_bad_config_values_fail_before_compiling(tmp_path, digits_data_dir):
+  config = tiny.edm_config(digits_data_dir)
+  config.training.batch_size = 0
+  with pytest.raises(ConfigError, match='batch_size'):
+    train.build_experiment(config, str(tmp_path))
+  config = tiny.edm_config(digits_data_dir)
+  config.method = 'gan'
+  with pytest.raises(ConfigError, match="'edm', 'cd', 'ct'"):
+    train.build_experiment(config, str(tmp_path))
+  config = tiny.edm_config(digits_data_dir)
+  config.mesh.fsdp = 3
+  with pytest.raises(ConfigError, match='mesh.fsdp'):
+    train.build_experiment(config, str(tmp_path))
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+  config = tiny.edm_config(str(tmp_path / 'empty'))
+  config.data.name, config.data.image_size, config.data.num_channels = 'cifar10', 32, 3
+  config.model.attn_resolutions = (16,)
+  with pytest.raises(DatasetNotFoundError, match='download_and_prepare'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
+
+
+def _launch(*args):
+  return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_command_line_overrides_and_their_errors(tmp_path):
+  bad_key = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
+                    '--config.training.lrr=1')
+  assert bad_key.returncode != 0
+  assert "no 'lrr' in training" in bad_key.stderr and 'lr, num_grid_samples' in bad_key.stderr
+  bad_type = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
+                     '--config.training.lr=fast')
+  assert bad_type.returncode != 0 and "could not convert string to float: 'fast'" in bad_type.stderr
+  bad_value = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
+                      '--config.consistency.distance=lp3', '--config.method=cd')
+  assert bad_value.returncode != 0 and 'consistency.distance' in bad_value.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+def test_config_override_applies_and_variants_load(tmp_path):
+  # The override reaches the config with its type: validation then rejects the value itself.
+  negative = _launch('--config=configs/digits_cd.py:pseudo_huber', f'--workdir={tmp_path}',
+                     '--config.training.lr=-1e-4')
+  assert negative.returncode != 0 and 'training.lr=-0.0001 must be a positive number' in negative.stderr
+  from cm_jax import config_utils
+  assert config_utils.load_config_file('configs/digits_cd.py:pseudo_huber').consistency.distance == (
+      'pseudo_huber')
+  assert config_utils.load_config_file('configs/cifar10_cd.py:l1').training.lr == 2e-4

@@ -1,0 +1,25 @@
+"""Tiny configs of the real experiment files, so end-to-end tests take seconds on a CPU."""
+
+from configs import digits_cd, digits_edm
+
+
+def shrink(config, data_dir: str, steps: int = 4):
+  m = config.model
+  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 8, (1, 2), 1, (4,), 0.0
+  t = config.training
+  t.batch_size, t.num_steps, t.log_every, t.checkpoint_every = 16, steps, 2, 2
+  t.warmup_steps, t.num_grid_samples = 0, 16
+  config.sampling.num_samples, config.sampling.batch_size, config.sampling.num_steps = 16, 16, 3
+  config.data.data_dir = data_dir
+  return config
+
+
+def edm_config(data_dir: str, steps: int = 4):
+  return shrink(digits_edm.get_config(), data_dir, steps)
+
+
+def cd_config(data_dir: str, teacher_workdir: str, steps: int = 4):
+  config = shrink(digits_cd.get_config(), data_dir, steps)
+  config.teacher.workdir = teacher_workdir
+  config.teacher.train_if_missing = False
+  return config
