@@ -14,7 +14,7 @@ from cm_jax.errors import ConfigError, WorkdirError
 
 CHOICES = {
     'method': ('edm', 'cd', 'ct'),
-    'model.name': ('ncsnpp',),
+    'model.name': ('ncsnpp', 'adm'),
     'model.dtype': ('float32', 'bfloat16'),
     'consistency.scale_schedule': ('fixed', 'ct', 'ict'),
     'consistency.target_ema_schedule': ('fixed', 'ct'),

@@ -16,7 +16,9 @@ from cm_jax.errors import TeacherError
 ARCHITECTURE_FIELDS = ('name', 'nf', 'ch_mult', 'num_res_blocks', 'attn_resolutions',
                        'resamp_with_conv', 'fir', 'fir_kernel', 'skip_rescale', 'resblock_type',
                        'progressive', 'progressive_input', 'progressive_combine', 'embedding_type',
-                       'fourier_scale', 'conv_size', 'num_classes')
+                       'fourier_scale', 'conv_size', 'num_classes', 'noise_cond_scale')
+ADM_FIELDS = ('num_heads', 'num_head_channels', 'num_heads_upsample', 'use_scale_shift_norm',
+              'resblock_updown', 'use_new_attention_order')
 
 
 def teacher_workdir(config, workdir: str) -> str:
@@ -66,9 +68,10 @@ def check_architecture(config, tdir: str) -> None:
     raise TeacherError(f'{tdir} holds a {saved.get("method")!r} run, not an EDM teacher. Point '
                        'teacher.workdir at an EDM run.')
   diffs = []
-  for field in ARCHITECTURE_FIELDS:
+  fields = ARCHITECTURE_FIELDS + (ADM_FIELDS if config.model.name == 'adm' else ())
+  for field in fields:
     theirs = saved['model'].get(field)
-    ours = config.model[field]
+    ours = config.model.get(field)
     ours = list(ours) if isinstance(ours, tuple) else ours
     if theirs != ours:
       diffs.append(f'model.{field}: teacher {theirs!r}, student {ours!r}')

@@ -48,7 +48,8 @@ def get_config():
   t.checkpoint_every = 10_000
   t.sample_every = 10_000
   t.final_samplers = ('onestep', 'multistep')
-  config.sampling.ts = (0, 640, 1280)  # On the final N = 1281 grid; tune with the ternary search.
+  # 2-step: T, then sigma 0.8 (index 791 of the final N = 1281 grid); the ternary search tunes it.
+  config.sampling.sigmas = (80.0, 0.8)
   config.sampling.num_samples = 50_000
   config.sampling.batch_size = 500
   config.eval.num_samples = 50_000

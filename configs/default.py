@@ -49,6 +49,16 @@ def get_config() -> ml_collections.ConfigDict:
   model.embedding_type = 'fourier'  # 'fourier' | 'positional'
   model.fourier_scale = 16.0
   model.conv_size = 3
+  # ADM U-Net only (model.name = 'adm'; nf, ch_mult, num_res_blocks, attn_resolutions, dropout,
+  # num_classes and dtype are shared with NCSN++, which ignores these). Defaults: openai/consistency_models.
+  model.num_heads = 4
+  model.num_head_channels = -1  # > 0: attention heads of this many channels (overrides num_heads).
+  model.num_heads_upsample = -1  # Heads of the upsampling path's attention; -1: num_heads.
+  model.use_scale_shift_norm = True  # Embedding as GroupNorm(h) * (1 + scale) + shift (FiLM), not h + emb.
+  model.resblock_updown = False  # Residual blocks (not convs) resample between levels.
+  # QKV layout of the attention projection: True splits [q | k | v] before heads (consistency_models'
+  # flash-attention layout); False splits heads first (guided-diffusion's legacy order).
+  model.use_new_attention_order = False
   model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
   # Noise levels and preconditioning (DESIGN.md: EDM/Karras).
@@ -128,5 +138,55 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = evaluation = ml_collections.ConfigDict()
   evaluation.num_samples = 1000
   evaluation.stats_dir = ''  # '' means <workdir>/stats.
+  # Samplers scored in one --mode=eval, e.g. ('onestep', 'multistep', 'teacher_heun'); () means
+  # sampling.sampler.
+  evaluation.samplers = ()
+  # FID reference: a TFDS split of data.name ('train' is the paper's CIFAR-10 protocol), at most
+  # max_ref_images of it (a fixed random subset of larger splits; 0 = all) for the statistics and
+  # precision/recall. Computed once, cached in stats_dir.
+  evaluation.ref_split = 'train'
+  evaluation.max_ref_images = 50_000
+  # The converted FID Inception (.npz); '' means $CM_JAX_CACHE/inception_v3_fid_2015-12-05.npz.
+  evaluation.inception_path = ''
+  evaluation.inception_batch_size = 250  # Images per Inception call, over this process's devices.
+  evaluation.is_splits = 10  # Inception Score splits, as the original code.
+  evaluation.pr_k = 3  # Neighbourhood of improved precision/recall (Kynkaanniemi et al. 2019).
+
+
+  # The time-point search of --mode=sample (CM paper, Sec. 6): with search_steps >= 2, the
+  # intermediate time points of a search_steps-step sampler are found greedily, each by ternary search
+  # of its index on the N-grid, minimising search_metric ('digits_fd' on the embedded digits, else
+  # 'fid') over search_num_samples samples; the run is then sampled with them.
+  sampling.search_steps = 0
+  sampling.search_metric = 'digits_fd'
+  sampling.search_num_samples = 1000
+
+  # Zero-shot editing, --mode=edit (CM paper Alg. 4 and Appendix D; cm_jax/editing_cli.py).
+  config.edit = edit = ml_collections.ConfigDict()
+  # 'inpainting' | 'colorization' | 'superres' | 'stroke' | 'denoising' | 'interpolation'.
+  edit.task = 'inpainting'
+  # Inpainting: a named mask ('lower_half', 'upper_half', 'left_half', 'right_half', 'center',
+  # 'border') or a PNG whose white pixels are the ones to generate.
+  edit.mask = 'lower_half'
+  edit.superres_factor = 2  # Super-resolution keeps the means of factor x factor patches.
+  # Time points of the edits, as indices on the N-grid or as sigmas (these take precedence); both
+  # empty: every num_scales // 3-th index (6 NFE at N = 18).
+  edit.ts = ()
+  edit.sigmas = ()
+  edit.stroke_sigma = 4.0  # Stroke-guided generation starts from the strokes noised to this level.
+  edit.noise_sigma = 0.4  # Denoising: the inputs' noise std (added to dataset images), in [-1, 1] units.
+  edit.interpolation_points = 8  # Images per interpolation, endpoints included.
+  # Interpolate between 'samples' (pairs of initial noises) or 'inputs' (pairs of input images encoded
+  # by the PF-ODE of the EDM teacher of a CD run, or of an EDM run).
+  edit.interpolation_source = 'samples'
+  edit.num_images = 64  # Inputs edited (the first ones of the split or of the --edit_input folder).
+  edit.split = ''  # Dataset split of the inputs without --edit_input; '' means data.eval_split.
+  edit.batch_size = 64
+  edit.seed = 0
+  # Edits drawn per input. Above 1, metrics also score the mean of the draws (the posterior mean).
+  edit.num_draws = 1
+  edit.resize = False  # Resize input files (and mask PNGs) to data.image_size and data.num_channels.
+  edit.clip_denoised = True  # Clamp each consistency step's output to [-1, 1] (as the reference code).
+  edit.label = -1  # Class-conditional runs: the label of file inputs; -1 draws one per image.
 
   return config

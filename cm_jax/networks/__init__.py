@@ -1,5 +1,8 @@
 """Networks: `get_network(config.model, image_size, num_channels)` builds and checks one.
 
+config.model.name picks the network: 'ncsnpp' (the NCSN++ / DDPM++ family, ncsnpp.py) or 'adm' (the
+ADM U-Net of the ImageNet and LSUN runs, adm.py).
+
 Usage:
   net = get_network(config.model, image_size, num_channels)
   variables = net.init({'params': key, 'dropout': key2}, x, noise_cond, labels, train=False)
@@ -17,12 +20,13 @@ import jax.numpy as jnp
 import ml_collections
 
 from cm_jax.errors import ConfigError
-from cm_jax.networks import layers
+from cm_jax.networks import adm, layers
+from cm_jax.networks.adm import ADM
 from cm_jax.networks.ncsnpp import NCSNpp
 
-__all__ = ['NCSNpp', 'get_network']
+__all__ = ['ADM', 'NCSNpp', 'get_network']
 
-_NETWORKS = ('ncsnpp',)
+_NETWORKS = ('ncsnpp', 'adm')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _CHOICES = {
     'resblock_type': ('biggan', 'ddpm'),
@@ -58,6 +62,46 @@ def _positive_int(model_config: ml_collections.ConfigDict, key: str, minimum: in
   return int(value)
 
 
+def _levels(image_size: int, ch_mult: tuple[int, ...], attn_resolutions: tuple[int, ...]) -> tuple[int, ...]:
+  """The U-Net's resolutions, after checking that the levels fit the image and attention is reached."""
+  # Each level but the last halves the resolution, which must stay an integer.
+  downsamplings = len(ch_mult) - 1
+  if image_size % 2**downsamplings:
+    raise ConfigError(
+        f'config.model.ch_mult={ch_mult} has {len(ch_mult)} levels, so the image size must be divisible '
+        f'by 2**{downsamplings}={2**downsamplings}; got {image_size}. Use fewer levels.')
+  resolutions = tuple(image_size // 2**i for i in range(len(ch_mult)))
+  unreached = sorted(set(attn_resolutions) - set(resolutions))
+  if unreached:
+    raise ConfigError(
+        f'config.model.attn_resolutions={attn_resolutions} includes {unreached}, which the U-Net never '
+        f'reaches: with image size {image_size} and ch_mult={ch_mult} its resolutions are {resolutions}.')
+  return resolutions
+
+
+def _dropout(model_config: ml_collections.ConfigDict) -> float:
+  dropout = _get(model_config, 'dropout')
+  if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    raise ConfigError(f'config.model.dropout must be in [0, 1), got {dropout!r}.')
+  return float(dropout)
+
+
+def _dtype(model_config: ml_collections.ConfigDict) -> Any:
+  dtype = _get(model_config, 'dtype')
+  if dtype not in _DTYPES:
+    raise ConfigError(f'config.model.dtype={dtype!r} is unknown; use one of {tuple(_DTYPES)}.')
+  return _DTYPES[dtype]
+
+
+def _flags(model_config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict[str, bool]:
+  flags = {}
+  for key in keys:
+    flags[key] = _get(model_config, key)
+    if not isinstance(flags[key], bool):
+      raise ConfigError(f'config.model.{key} must be True or False, got {flags[key]!r}.')
+  return flags
+
+
 def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_channels: int) -> nn.Module:
   """Builds the network that `model_config.name` names, after checking the config against the data.
 
@@ -79,7 +123,12 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
     raise ConfigError(f'The image size must be a positive integer, got {image_size!r}.')
   if not isinstance(num_channels, numbers.Integral) or num_channels < 1:
     raise ConfigError(f'The number of image channels must be a positive integer, got {num_channels!r}.')
+  if name == 'adm':
+    return _adm(model_config, image_size)
+  return _ncsnpp(model_config, image_size)
 
+
+def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int) -> NCSNpp:
   choices = {}
   for key, allowed in _CHOICES.items():
     value = _get(model_config, key)
@@ -96,19 +145,7 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
   num_classes = _positive_int(model_config, 'num_classes', minimum=0)
   if conv_size % 2 == 0:
     raise ConfigError(f'config.model.conv_size must be odd (for "same" padding), got {conv_size}.')
-
-  # Each level but the last halves the resolution, which must stay an integer.
-  downsamplings = len(ch_mult) - 1
-  if image_size % 2**downsamplings:
-    raise ConfigError(
-        f'config.model.ch_mult={ch_mult} has {len(ch_mult)} levels, so the image size must be divisible '
-        f'by 2**{downsamplings}={2**downsamplings}; got {image_size}. Use fewer levels.')
-  resolutions = tuple(image_size // 2**i for i in range(len(ch_mult)))
-  unreached = sorted(set(attn_resolutions) - set(resolutions))
-  if unreached:
-    raise ConfigError(
-        f'config.model.attn_resolutions={attn_resolutions} includes {unreached}, which the U-Net never '
-        f'reaches: with image size {image_size} and ch_mult={ch_mult} its resolutions are {resolutions}.')
+  _levels(image_size, ch_mult, attn_resolutions)
 
   # GroupNorm needs channels divisible by min(channels // 4, 32) groups, at least one group. The input
   # pyramid's concatenation ('input_skip' with 'cat') doubles a level's channels.
@@ -123,9 +160,7 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
           f'min(C // 4, 32)={groups} GroupNorm groups; use nf and ch_mult giving multiples of 4 below 128 '
           'channels and of 32 above.')
 
-  dropout = _get(model_config, 'dropout')
-  if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-    raise ConfigError(f'config.model.dropout must be in [0, 1), got {dropout!r}.')
+  dropout = _dropout(model_config)
   fourier_scale = _get(model_config, 'fourier_scale')
   if choices['embedding_type'] == 'fourier' and (
       not isinstance(fourier_scale, numbers.Real) or fourier_scale <= 0):
@@ -140,27 +175,85 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
     raise ConfigError(
         f'config.model.fir_kernel must be a 1-D sequence of numbers with a non-zero sum, e.g. (1, 3, 3, 1); '
         f'got {fir_kernel!r}.') from None
-  dtype = _get(model_config, 'dtype')
-  if dtype not in _DTYPES:
-    raise ConfigError(f'config.model.dtype={dtype!r} is unknown; use one of {tuple(_DTYPES)}.')
-  flags = {}
-  for key in ('resamp_with_conv', 'fir', 'skip_rescale'):
-    flags[key] = _get(model_config, key)
-    if not isinstance(flags[key], bool):
-      raise ConfigError(f'config.model.{key} must be True or False, got {flags[key]!r}.')
+  dtype = _dtype(model_config)
+  flags = _flags(model_config, ('resamp_with_conv', 'fir', 'skip_rescale'))
 
   return NCSNpp(
       nf=nf,
       ch_mult=ch_mult,
       num_res_blocks=num_res_blocks,
       attn_resolutions=attn_resolutions,
-      dropout=float(dropout),
+      dropout=dropout,
       fir_kernel=tuple(float(k) for k in fir_kernel),
       init_scale=float(init_scale),
       fourier_scale=float(fourier_scale),
       conv_size=conv_size,
       num_classes=num_classes,
-      dtype=_DTYPES[dtype],
+      dtype=dtype,
       **flags,
       **choices,
+  )
+
+
+def _heads_setting(model_config: ml_collections.ConfigDict, key: str) -> int:
+  """An ADM head setting: a positive integer, or -1 for 'not set'."""
+  value = _get(model_config, key)
+  if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+      or not (value == -1 or value >= 1)):
+    raise ConfigError(f'config.model.{key} must be a positive integer or -1 (unset), got {value!r}.')
+  return int(value)
+
+
+def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
+  nf = _positive_int(model_config, 'nf')
+  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
+  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
+  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
+  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
+  resolutions = _levels(image_size, ch_mult, attn_resolutions)
+
+  # Every GroupNorm has 32 groups (the concatenations on the way up add multiples of the level widths).
+  for width in sorted({nf * m for m in ch_mult}):
+    if width % adm.NUM_GROUPS:
+      raise ConfigError(
+          f'config.model.nf={nf} with ch_mult={ch_mult} gives a layer of {width} channels, which ADM\'s '
+          f'GroupNorm cannot split into {adm.NUM_GROUPS} groups; use nf * ch_mult multiples of '
+          f'{adm.NUM_GROUPS}.')
+
+  num_heads = _positive_int(model_config, 'num_heads')
+  num_head_channels = _heads_setting(model_config, 'num_head_channels')
+  num_heads_upsample = _heads_setting(model_config, 'num_heads_upsample')
+  # Attention runs at the attention resolutions of both paths (num_heads down, num_heads_upsample up)
+  # and in the middle, at the last level's width (num_heads).
+  attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
+  middle = nf * ch_mult[-1]
+  if num_head_channels > 0:
+    checks = [('num_head_channels', num_head_channels, attended | {middle})]
+  else:
+    checks = [('num_heads', num_heads, attended | {middle})]
+    if num_heads_upsample > 0:
+      checks.append(('num_heads_upsample', num_heads_upsample, attended))
+  for key, divisor, widths in checks:
+    for width in sorted(widths):
+      if width % divisor:
+        raise ConfigError(
+            f'config.model.{key}={divisor} does not divide the {width} channels of an attention layer '
+            f'(nf={nf}, ch_mult={ch_mult}, attn_resolutions={attn_resolutions}); use a divisor of '
+            f'{sorted(widths)}.')
+
+  dropout = _dropout(model_config)
+  dtype = _dtype(model_config)
+  flags = _flags(model_config, ('use_scale_shift_norm', 'resblock_updown', 'use_new_attention_order'))
+  return ADM(
+      nf=nf,
+      ch_mult=ch_mult,
+      num_res_blocks=num_res_blocks,
+      attn_resolutions=attn_resolutions,
+      dropout=dropout,
+      num_heads=num_heads,
+      num_head_channels=num_head_channels,
+      num_heads_upsample=num_heads_upsample,
+      num_classes=num_classes,
+      dtype=dtype,
+      **flags,
   )
