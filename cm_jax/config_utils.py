@@ -118,8 +118,10 @@ def config_differences(saved: dict, config: ml_collections.ConfigDict, ignore=RE
   now = _flatten(config)
   saved = _flatten(saved)
   ignored = lambda k: any(k == p or k.startswith(p + '.') for p in ignore)
-  return {k: (saved.get(k), now.get(k)) for k in sorted(set(now) | set(saved))
-          if not ignored(k) and saved.get(k) != now.get(k)}
+  # A field the saved run does not have was added to cm_jax later: its default keeps the old
+  # behaviour, so only fields both configs have are compared.
+  return {k: (saved[k], now.get(k)) for k in sorted(saved)
+          if not ignored(k) and saved[k] != now.get(k)}
 
 
 def config_path(workdir: str) -> str:

@@ -20,9 +20,14 @@ class WorkdirError(ValueError):
   """The workdir holds a run that does not match the requested one."""
 
 
+class PretrainedWeightsNotFoundError(FileNotFoundError):
+  """A converted pretrained-network file (Inception, LPIPS) is not where it is looked for."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
 # What launch.py reports as a one-line error instead of a traceback.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError)
+USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError,
+               PretrainedWeightsNotFoundError)

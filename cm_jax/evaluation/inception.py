@@ -59,6 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cm_jax import errors
+
 PYTORCH_FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 PYTORCH_FID_WEIGHTS_URL = (
     'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -74,8 +76,8 @@ Variables = Mapping[str, Any]
 ApplyFn = Callable[[Variables, jax.Array], dict[str, jax.Array]]
 
 
-class PretrainedWeightsNotFoundError(FileNotFoundError):
-  """A converted pretrained-network file is not where it is looked for."""
+# Defined with the other user errors; re-exported here where the weights are loaded.
+PretrainedWeightsNotFoundError = errors.PretrainedWeightsNotFoundError
 
 
 def cache_dir() -> pathlib.Path:
