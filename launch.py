@@ -4,9 +4,10 @@ r"""Launch a cm_jax run: train, sample, edit or evaluate.
   python launch.py --config=configs/digits_cd.py --workdir=/tmp/digits_cd --mode=sample \
       --config.sampling.sampler=multistep
 
-Any config field can be overridden: --config.training.lr=1e-4. On TPU pods and SLURM, multi-host
-initialisation is automatic (--multihost=auto); elsewhere pass --coordinator_address,
---num_processes and --process_id (or --multihost=off for one process).
+Any config field can be overridden: --config.training.lr=1e-4. On TPU VMs and pods, under SLURM
+`srun` and Open MPI, multi-process initialisation is automatic (--multihost=auto); elsewhere pass
+--coordinator_address, --num_processes and --process_id to every process. One process drives all GPUs
+of a host by itself. See docs/scaling.md.
 """
 
 import os
@@ -43,16 +44,9 @@ class _QuietLibraries:
 
 
 def _init_distributed() -> None:
-  import jax
-  explicit = FLAGS.coordinator_address is not None
-  cluster = any(k in os.environ for k in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
-                                          'CLOUD_TPU_TASK_ID'))
-  if FLAGS.multihost == 'off' or (FLAGS.multihost == 'auto' and not (explicit or cluster)):
-    return
-  if explicit:
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  else:
-    jax.distributed.initialize()  # Detects TPU pods, SLURM and other supported clusters.
+  from cm_jax import sharding
+  sharding.initialize_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes,
+                                  FLAGS.process_id)
 
 
 def _parse_flags(argv):
@@ -78,12 +72,14 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
-  _init_distributed()
-  import jax
-  logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
   from cm_jax.errors import USER_ERRORS
   try:
+    _init_distributed()  # Before anything touches a device.
+    import jax
+    logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_index() > 0:
+      logging.set_verbosity(logging.WARNING)  # One progress log per run (process 0's); warnings stay.
     _run_mode(FLAGS.config)
   except USER_ERRORS as error:
     logging.error('%s: %s', type(error).__name__, error)
@@ -95,7 +91,8 @@ def _run_mode(config) -> None:
   if FLAGS.mode == 'train':
     run.train_and_finish(config, FLAGS.workdir)
   elif FLAGS.mode == 'sample':
-    run.sample(config, FLAGS.workdir)
+    from cm_jax import sampling_cli
+    sampling_cli.sample(config, FLAGS.workdir)
   elif FLAGS.mode == 'edit':
     from cm_jax import editing_cli
     editing_cli.edit(config, FLAGS.workdir, FLAGS.edit_input)

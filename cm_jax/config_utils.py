@@ -29,6 +29,7 @@ CHOICES = {
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
                      'training.keep_checkpoints', 'training.sample_every',
                      'training.num_grid_samples', 'training.final_samplers', 'sampling', 'eval',
+                     'edit',
                      'mesh', 'data.data_dir', 'teacher.train_if_missing', 'teacher.workdir',
                      'teacher.config', 'allow_other_config')
 
@@ -141,7 +142,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   saved = read_saved_config(workdir)
   if saved is None or config.get('allow_other_config', False):
     return
-  diffs = config_differences(saved, config)
+  ignore = RESUMABLE_CHANGES
+  if config.method in ('cd', 'ct') and config.consistency.scale_schedule != 'fixed':
+    # N(k) of the CT and iCT curricula depends on the total step count K: changing it mid-run
+    # would change the schedule of the steps still to come.
+    ignore = tuple(k for k in ignore if k != 'training.num_steps')
+  diffs = config_differences(saved, config, ignore)
   if diffs:
     listed = '; '.join(f'{k}: {a!r} in the workdir, {b!r} now' for k, (a, b) in diffs.items())
     raise WorkdirError(f'{workdir} holds a run of another config ({listed}). Use a new --workdir, or '

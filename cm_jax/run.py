@@ -1,4 +1,4 @@
-"""What each `launch.py --mode` does: train (and write final samples and metrics), sample, eval."""
+"""`launch.py --mode=train`: train or resume, then write final samples and metrics; shared helpers."""
 
 import json
 import logging
@@ -109,10 +109,3 @@ def restore_for_sampling(config: ml_collections.ConfigDict, workdir: str):
     from cm_jax import teacher
     frozen['teacher_params'] = teacher.load_teacher(config, workdir, exp)
   return exp, state, frozen, step
-
-
-def sample(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  exp, state, frozen, step = restore_for_sampling(config, workdir)
-  sampler = config.sampling.sampler or exp.method.default_sampler()
-  return generate(exp, state, frozen, sampler, config.sampling.num_samples, None, step,
-                  digits_metric_fn(config))

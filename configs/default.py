@@ -170,8 +170,8 @@ def get_config() -> ml_collections.ConfigDict:
   edit.mask = 'lower_half'
   edit.superres_factor = 2  # Super-resolution keeps the means of factor x factor patches.
   # Time points of the edits, as indices on the N-grid or as sigmas (these take precedence); both
-  # empty: about 18 evenly spaced indices from 0 (every index at N = 18: 17 NFE). Super-resolution
-  # may start lower on the grid (e.g. ts=(10, ..., 16)): the patch means fix the coarse image.
+  # empty: about 18 evenly spaced indices from 0 (every index at N = 18: 17 NFE), and one step (T)
+  # for interpolation. Super-resolution may start lower on the grid (e.g. ts=(10, ..., 16)).
   edit.ts = ()
   edit.sigmas = ()
   edit.stroke_sigma = 4.0  # Stroke-guided generation starts from the strokes noised to this level.
