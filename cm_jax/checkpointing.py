@@ -3,14 +3,31 @@
 A checkpoint is a set of named items (params, opt_state, ema_params, extra, meta), so a teacher can be
 read back without its optimizer state. Arrays restore onto whatever shardings the caller asks for, so a
 checkpoint written on 8 devices restores on 1 and the reverse.
+
+Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when complete, so
+a process killed mid-save leaves only a temporary directory (removed on the next start) and the
+previous step stays the newest. A finalized step that still cannot be read (a truncated or deleted
+file) is skipped with a warning and moved aside to `<directory>.unreadable/`, so the run resumes
+from the step before it and can save that step number again.
+
+Preemption: in a `jax.distributed` run, Orbax's preemption sync point (SIGTERM on any host, agreed
+on by all of them) triggers a save; in a single process, `watch_sigterm` turns SIGTERM into the same
+notice.
 """
 
+import contextlib
 import logging
 import os
+import signal
+import threading
+import time
 from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+
+from cm_jax import sharding
+from cm_jax.errors import WorkdirError
 
 ARRAY_ITEMS = ('params', 'opt_state', 'ema_params', 'extra')
 
@@ -27,10 +44,17 @@ class Checkpointer:
   def __init__(self, directory: str, save_every: int = 1, keep: int | None = 3,
                async_save: bool = True, read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
+    self._sigterm = threading.Event()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(int(save_every), 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        # Temporary directories of saves that a killed process never finished.
+        cleanup_tmp_directories=not read_only)
+    # Naming every item's handler lets a fresh manager read metadata and restore single items.
+    handlers = {name: ocp.StandardCheckpointHandler() for name in ARRAY_ITEMS}
+    handlers['meta'] = ocp.JsonCheckpointHandler()
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -42,7 +66,33 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def reached_preemption(self, step: int) -> bool:
-    return self.manager.reached_preemption(step)
+    """True at the step where every process should save and exit because of a preemption notice."""
+    if jax.distributed.is_initialized():
+      # All processes must agree on the step: jax's preemption service syncs them.
+      return self.manager.reached_preemption(step)
+    return self._sigterm.is_set()
+
+  @contextlib.contextmanager
+  def watch_sigterm(self):
+    """In a single process, record SIGTERM as a preemption notice instead of dying at once.
+
+    With `jax.distributed` initialised, jax's preemption service already owns SIGTERM. Outside the
+    main thread a handler cannot be installed; the default behaviour stays.
+    """
+    if jax.distributed.is_initialized() or threading.current_thread() is not threading.main_thread():
+      yield
+      return
+
+    def on_sigterm(signum, frame):
+      del signum, frame
+      logging.warning('SIGTERM received: saving a checkpoint after the current step, then exiting.')
+      self._sigterm.set()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+      yield
+    finally:
+      signal.signal(signal.SIGTERM, previous)
 
   def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any],
            force: bool = False) -> bool:
@@ -69,17 +119,45 @@ class Checkpointer:
     return {jax.tree_util.keystr(path): tuple(leaf.shape) for path, leaf in flat}
 
   def restore_latest(self, abstract_items: Mapping[str, Any]) -> tuple[int, dict, dict] | None:
-    """Newest step that restores cleanly, falling back past unreadable ones with a warning."""
+    """Newest step that restores cleanly, falling back past unreadable ones with a warning.
+
+    Returns None when the directory holds no checkpoint.
+
+    Raises:
+      WorkdirError: there are checkpoints but none restores (e.g. a run of another model).
+    """
+    failures = []
     for step in reversed(self.all_steps()):
       try:
         items = self.restore_items(step, abstract_items)
         meta = self.restore_meta(step)
-        return step, items, meta
       except Exception as error:  # pylint: disable=broad-except
         # A corrupt or partial newest checkpoint must not cost the run: try the one before.
         logging.warning('Checkpoint at step %d in %s cannot be restored (%s: %s); trying the one '
-                        'before.', step, self.directory, type(error).__name__, error)
+                        'before.', step, self.directory, type(error).__name__, _short(error))
+        failures.append((step, error))
+        continue
+      if failures and not self.read_only:
+        self._move_aside([s for s, _ in failures])
+      return step, items, meta
+    if failures:
+      listed = '; '.join(f'step {s}: {type(e).__name__}: {_short(e)}' for s, e in failures)
+      raise WorkdirError(f'No checkpoint in {self.directory} can be restored into this run ({listed}).'
+                         ' If the model config changed, use a new --workdir; if the files are '
+                         'damaged, move the bad step directories away to start from scratch.')
     return None
+
+  def _move_aside(self, steps: list[int]) -> None:
+    """Rename unreadable steps out of the way, so that the resumed run can save those steps again."""
+    aside = self.directory + '.unreadable'
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f'{step}-{time.strftime("%Y%m%d-%H%M%S")}')
+        os.replace(os.path.join(self.directory, str(step)), target)
+        logging.warning('Moved the unreadable checkpoint of step %d to %s.', step, target)
+    sharding.barrier('checkpoint_moved_aside')  # No process lists the steps before the move.
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -87,3 +165,8 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _short(error: Exception, limit: int = 300) -> str:
+  text = str(error).replace('\n', ' ')
+  return text if len(text) <= limit else text[:limit] + '...'

@@ -6,7 +6,6 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
 from cm_jax import checkpointing, train
 from cm_jax.errors import ConfigError

@@ -4,10 +4,13 @@ Mesh axes: `data` (pure data parallelism) and `fsdp` (data parallelism whose par
 state are also split across the axis, ZeRO-3 style). The batch is split over both axes.
 """
 
+import itertools
 import math
+import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from cm_jax.errors import ConfigError
@@ -71,3 +74,87 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = 'training.batch_size'
     lower = max(step, global_batch // step * step)
     raise ConfigError(f'{what}={global_batch} does not divide over {shards} devices in '
                       f'{procs} process(es); use a multiple of {step} (e.g. {lower} or {lower + step}).')
+
+
+# Environment variables by which a scheduler announces a multi-process job that
+# `jax.distributed.initialize()` can configure itself from.
+_SLURM_VARS = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+               'SLURM_LOCALID')
+_TPU_POD_VARS = ('TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES', 'MEGASCALE_COORDINATOR_ADDRESS')
+_OPEN_MPI_VAR = 'OMPI_MCA_orte_hnp_uri'
+
+
+def _on_cloud_tpu_vm() -> bool:
+  try:  # jax's own test (libtpu present and a Google TPU device); private, hence guarded.
+    from jax._src.cloud_tpu_init import running_in_cloud_tpu_vm
+  except ImportError:
+    return False
+  return bool(running_in_cloud_tpu_vm)
+
+
+def detected_cluster() -> str | None:
+  """The multi-process environment jax can configure itself in, or None (a plain host)."""
+  env = os.environ
+  # Inside `srun` with more than one task; a bare shell in an allocation runs one process.
+  if all(k in env for k in _SLURM_VARS) and int(env['SLURM_NTASKS']) > 1:
+    return 'SLURM'
+  if any(k in env for k in _TPU_POD_VARS) or _on_cloud_tpu_vm():
+    return 'Cloud TPU'
+  if _OPEN_MPI_VAR in env:
+    return 'Open MPI'
+  return None
+
+
+def initialize_distributed(mode: str = 'auto', coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+  """`jax.distributed.initialize` when the run spans processes; returns whether it was called.
+
+  Args:
+    mode: 'auto' initialises when explicit flags are given or a cluster (TPU VM or pod, SLURM
+      `srun`, Open MPI) is detected; 'on' always (jax then detects any cluster it supports, e.g.
+      Kubernetes or mpi4py); 'off' never (one process drives all local devices).
+    coordinator_address: host:port of process 0; with it, num_processes and process_id are needed
+      unless the cluster supplies them.
+    num_processes: how many processes the run has.
+    process_id: this process, in [0, num_processes).
+
+  Raises:
+    ConfigError: incomplete or inconsistent explicit flags.
+  """
+  if mode not in ('auto', 'on', 'off'):
+    raise ConfigError(f'--multihost={mode!r}: use auto, on or off.')
+  explicit = (coordinator_address, num_processes, process_id)
+  if mode == 'off':
+    if any(v is not None for v in explicit):
+      raise ConfigError('--multihost=off contradicts --coordinator_address/--num_processes/'
+                        '--process_id: drop those flags or use --multihost=auto.')
+    return False
+  cluster = detected_cluster()
+  if mode == 'auto' and cluster is None and all(v is None for v in explicit):
+    return False
+  if cluster is None and None in explicit and any(v is not None for v in explicit):
+    raise ConfigError(
+        'A multi-process run outside a TPU pod, SLURM or Open MPI needs all of --coordinator_address'
+        '=host:port (of process 0), --num_processes=N and --process_id=i (0 on the coordinator); '
+        f'got coordinator_address={coordinator_address}, num_processes={num_processes}, '
+        f'process_id={process_id}.')
+  if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+    raise ConfigError(f'--process_id={process_id} must be in [0, --num_processes={num_processes}).')
+  jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  return True
+
+
+_barrier_ids = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+  """Wait until every process gets here; a no-op in a single process.
+
+  A barrier of the coordination service, not a device collective: gloo's CPU collectives give up
+  after 30 s when a peer is late (e.g. still compiling), the coordination service waits `timeout_s`.
+  """
+  if jax.process_count() == 1:
+    return
+  # Each barrier key may be used once: number them (all processes make the same calls in order).
+  key = f'cm_jax_{name}_{next(_barrier_ids)}'
+  ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)

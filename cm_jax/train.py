@@ -121,7 +121,7 @@ def make_train_step(exp: Experiment, frozen_shardings):
         for d, ema in zip(decays, state.ema_params))
     extra, extra_aux = method.update_extra(state.extra, params, step)
     new_state = TrainState(params, opt_state, ema_params, extra)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves the state as it was, so what is saved is always the last good state.
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
@@ -132,7 +132,8 @@ def make_train_step(exp: Experiment, frozen_shardings):
   batch_sh = sharding.batch_sharding(exp.mesh)
   return jax.jit(train_step,
                  in_shardings=(exp.state_shardings, frozen_shardings,
-                               {'image': batch_sh, 'label': batch_sh}, None),
+                               {'image': batch_sh, 'label': batch_sh},
+                               sharding.replicated(exp.mesh)),
                  out_shardings=(exp.state_shardings, sharding.replicated(exp.mesh)),
                  donate_argnums=(0,))
 
@@ -231,13 +232,39 @@ def restore_or_init(exp: Experiment, ckpt: checkpointing.Checkpointer, frozen) -
     step, items, _ = restored
     logging.info('Resuming from step %d in %s.', step, ckpt.directory)
     return TrainState(**items), step
-  init_params = frozen.get('teacher_params')  # CD: the student starts from the teacher.
   rng = jax.random.PRNGKey(exp.config.seed)
-  init = jax.jit(exp.init_state_fn(init_params), out_shardings=exp.state_shardings).lower(rng)
+  # The state is created already sharded: each device computes only its shards (out_shardings), so
+  # no device ever holds a full copy of a model that needs FSDP to fit.
+  teacher_params = frozen.get('teacher_params')  # CD: the student starts from the teacher.
+  if teacher_params is None:
+    init = jax.jit(exp.init_state_fn(), out_shardings=exp.state_shardings).lower(rng)
+    args = (rng,)
+  else:
+    # An argument, not a closure: a closed-over array would be baked into the program as a constant.
+    init = jax.jit(lambda key, params: exp.init_state_fn(params)(key),
+                   in_shardings=(sharding.replicated(exp.mesh), exp.state_shardings.params),
+                   out_shardings=exp.state_shardings).lower(rng, teacher_params)
+    args = (rng, teacher_params)
   # Init runs once: on XLA:CPU, compiling its ~100 random draws unoptimised takes 5x less time and
   # gives the same bits (threefry is integer arithmetic).
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
-  return init.compile(compiler_options=options)(rng), 0
+  return init.compile(compiler_options=options)(*args), 0
+
+
+def compile_train_step(exp: Experiment, frozen_shardings, state: TrainState, frozen):
+  """The update step compiled ahead of the loop; returns after every process has compiled it.
+
+  Processes finish compiling at different times, and the first collective of the step would wait
+  for the slowest (gloo on CPU gives up after 30 s). A compiled step also never retraces: an input
+  of another shape or sharding is an error instead of a silent recompile.
+  """
+  size = exp.config.training.batch_size
+  batch = {'image': jax.ShapeDtypeStruct((size,) + exp.image_shape, jnp.float32),
+           'label': jax.ShapeDtypeStruct((size,), jnp.int32)}
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  compiled = make_train_step(exp, frozen_shardings).lower(state, frozen, batch, step).compile()
+  sharding.barrier('train_step_compiled')
+  return compiled
 
 
 def fetch_metrics(pending: list) -> tuple[list[int], dict[str, np.ndarray]]:
@@ -283,25 +310,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, load_lpi
   training = config.training
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'), training.checkpoint_every,
                                     training.keep_checkpoints)
-  state, start_step = restore_or_init(exp, ckpt, frozen)
-  train_step = make_train_step(exp, frozen_shardings)
-
-  # ---- Metrics. ----
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer,
-                                           every_steps=training.log_every)
-  hooks = [report]
-  logging.info('%s run: steps %d -> %d, global batch %d on %d devices (%s).', config.method,
-               start_step, training.num_steps, training.batch_size, jax.device_count(),
-               dict(exp.mesh.shape))
-
-  # ---- The loop. ----
+  writer = None
   try:
-    step, history, preempted = _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, hooks,
-                                      start_step)
+    state, start_step = restore_or_init(exp, ckpt, frozen)
+    # A finished run (relaunched for its final samples) compiles no step.
+    train_step = (compile_train_step(exp, frozen_shardings, state, frozen)
+                  if start_step < training.num_steps else None)
+
+    # ---- Metrics. ----
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer,
+                                             every_steps=training.log_every)
+    logging.info('%s run: steps %d -> %d, global batch %d on %d devices (%s).', config.method,
+                 start_step, training.num_steps, training.batch_size, jax.device_count(),
+                 dict(exp.mesh.shape))
+
+    # ---- The loop. ----
+    with ckpt.watch_sigterm():
+      step, history, preempted = _loop(exp, state, frozen, train_step, pipeline, ckpt, writer,
+                                        [report], start_step)
   finally:
     ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
-    writer.flush()
+    if writer is not None:
+      writer.flush()
   step, state = step
   return {'state': state, 'step': step, 'preempted': preempted, 'losses': history,
           'experiment': exp, 'frozen': frozen, 'writer': writer}

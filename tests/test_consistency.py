@@ -5,14 +5,13 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from scipy import stats
 from scipy.special import erf
 
-from cm_jax import consistency, karras
+from cm_jax import consistency
 from cm_jax.errors import ConfigError
 from cm_jax.models import Preconditioned
 from configs import default
