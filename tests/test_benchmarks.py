@@ -1,0 +1,93 @@
+"""Smoke test of the benchmark harness on a tiny digits network: the schema, not the timings."""
+
+import json
+import os
+
+import jax
+import pytest
+
+from benchmarks import run as bench
+from configs import cifar10_cd, digits_cd, digits_edm
+
+TRAIN_FIELDS = ('compile_s', 'lower_s', 'step', 'images_per_s', 'flops_per_step', 'flops_per_image',
+                'achieved_flops_per_s', 'mfu', 'memory', 'last_loss', 'finite')
+SAMPLER_FIELDS = ('nfe', 'compile_s', 'run', 'images_per_s', 'flops_per_image', 'mfu', 'memory')
+
+
+def tiny_digits_cd():
+  config = digits_cd.get_config()
+  m = config.model
+  # One resolution level: the CD step still runs 4 networks, but compiles in half the time.
+  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions = 8, (1,), 1, ()
+  config.sampling.num_steps = 3  # A 3-level teacher Heun: 5 NFE.
+  return config
+
+
+def test_harness_writes_the_schema_and_the_speedup_is_teacher_over_onestep(tmp_path):
+  result = bench.benchmark(tiny_digits_cd(), batch_size=8, warmup=1, steps=1, sample_runs=1,
+                           teacher_levels=2, profile_dir=str(tmp_path / 'profile'), profile_steps=1,
+                           config_name='tiny digits_cd')
+  json_path, md_path = bench.write_outputs(result, str(tmp_path / 'out.json'))
+  with open(json_path) as f:
+    loaded = json.load(f)  # Everything survives JSON (no numpy or jax scalars left).
+
+  assert loaded['schema_version'] == bench.SCHEMA_VERSION
+  assert loaded['settings']['methods'] == ['cd']  # The config's own method by default.
+  assert loaded['machine']['backend'] == jax.default_backend()
+  cd = loaded['train']['cd']
+  assert all(key in cd for key in TRAIN_FIELDS)
+  assert cd['distance'] == 'l2' and cd['finite']
+  assert len(cd['step']['times_s']) == len(cd['step']['cpu_times_s']) == 1
+  # CD: online forward + backward (~3 forwards), target, 2 teacher evaluations: ~6 forwards.
+  forward = loaded['model']['forward_flops_per_image']
+  assert 4.5 < cd['flops_per_image'] / forward < 7.5
+  assert cd['memory']['argument_bytes'] > 0  # XLA's memory analysis is available on CPU.
+  if jax.default_backend() == 'cpu':
+    assert loaded['device_memory'] is None and cd['mfu'] is None
+
+  sampling = loaded['sampling']
+  assert set(sampling) == set(bench.SAMPLERS)
+  assert all(key in sampling[name] for name in bench.SAMPLERS for key in SAMPLER_FIELDS)
+  assert [sampling[name]['nfe'] for name in bench.SAMPLERS] == [1, 2, 5]
+  teacher = sampling['teacher_heun']
+  # Timed on 2 levels (3 NFE), reported per NFE at the full 5.
+  assert teacher['extrapolated'] and teacher['measured_nfe'] == 3
+  assert teacher['run']['median_s'] == pytest.approx(teacher['measured_run']['median_s'] * 5 / 3)
+  speedup = loaded['speedup']
+  assert speedup['teacher_s'] == teacher['run']['median_s']
+  assert speedup['onestep_s'] == sampling['onestep']['run']['median_s']
+  assert speedup['onestep_over_teacher'] == speedup['teacher_s'] / speedup['onestep_s']
+  assert speedup['twostep_over_teacher'] == speedup['teacher_s'] / speedup['twostep_s']
+
+  with open(md_path) as f:
+    table = f.read()
+  assert '| cd | l2 |' in table and 'One-step speed-up over the teacher' in table
+  traces = [name for _, _, names in os.walk(tmp_path / 'profile' / 'cd') for name in names]
+  assert any(name.endswith('.xplane.pb') for name in traces)
+
+
+def test_method_variants_keep_the_network_and_swap_the_objective():
+  config = cifar10_cd.get_config('lpips')
+  variants = {label: bench.method_config(config, label) for label in bench.METHOD_LABELS}
+  assert {label: bench.method_label(v) for label, v in variants.items()} == {
+      label: label for label in bench.METHOD_LABELS}
+  assert variants['cd'].to_dict() == config.to_dict()  # The config's own method is kept as is.
+  assert variants['ct'].consistency.distance == 'lpips'  # CD/CT keep the config's distance.
+  assert variants['ct'].consistency.scale_schedule == 'ct'
+  assert variants['ict'].consistency.distance == 'pseudo_huber'
+  for variant in variants.values():
+    assert variant.model.to_dict() == config.model.to_dict()
+  edm = digits_edm.get_config()
+  cd = bench.method_config(edm, 'cd')
+  assert cd.consistency.distance == 'l2' and cd.consistency.num_scales == 18
+  assert bench.resolve_methods(edm, (), all_methods=False) == ['edm']
+  with pytest.raises(ValueError, match='unknown'):
+    bench.resolve_methods(edm, ('cd', 'lcm'), all_methods=False)
+
+
+@pytest.mark.parametrize('kind, dtype, peak', [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989.4e12), ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
+    ('NVIDIA A100-SXM4-40GB', 'float32', 156e12), ('TPU v5 lite', 'bfloat16', 197e12),
+    ('TPU v5p', 'bfloat16', 459e12), ('cpu', 'float32', None)])
+def test_peak_flops_by_device_kind(kind, dtype, peak):
+  assert bench.peak_flops_per_device(kind, dtype) == peak
