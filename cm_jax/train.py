@@ -39,10 +39,23 @@ class TrainState:
 
 
 def make_optimizer(training) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  if training.warmup_steps > 0:
-    schedule = optax.linear_schedule(0.0, training.lr, training.warmup_steps)
+  """The optimizer chain and its learning-rate schedule (linear warmup, then constant or cosine)."""
+  warmup = max(int(training.warmup_steps), 0)
+  if training.lr_decay == 'constant':
+    after = optax.constant_schedule(training.lr)
+  elif training.lr_decay == 'cosine':
+    if training.num_steps <= warmup:
+      raise ConfigError(f'training.lr_decay=cosine needs training.num_steps ({training.num_steps}) '
+                        f'> training.warmup_steps ({warmup}).')
+    # Decays to lr_end_factor * lr at training.num_steps (and stays there if the run is extended).
+    after = optax.cosine_decay_schedule(training.lr, training.num_steps - warmup,
+                                        alpha=training.lr_end_factor)
   else:
-    schedule = optax.constant_schedule(training.lr)
+    raise ConfigError(f'training.lr_decay={training.lr_decay!r}: use constant or cosine.')
+  if warmup > 0:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, training.lr, warmup), after], [warmup])
+  else:
+    schedule = after
   optimizers = {'adam': optax.adam, 'radam': optax.radam}
   if training.optimizer not in optimizers:
     raise ConfigError(f'training.optimizer={training.optimizer!r}: use one of {sorted(optimizers)}.')

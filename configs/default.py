@@ -108,6 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
   training.eps = 1e-8
   training.weight_decay = 0.0
   training.warmup_steps = 0
+  training.lr_decay = 'constant'  # 'constant' (the papers') | 'cosine' (to lr_end_factor * lr at num_steps)
+  training.lr_end_factor = 0.0
   training.grad_clip = 1.0  # Global-norm clip; <= 0 disables it.
   training.ema_decays = (0.999,)
   training.log_every = 100

@@ -93,6 +93,26 @@ def test_bad_config_values_fail_before_compiling(tmp_path, digits_data_dir):
     train.build_experiment(config, str(tmp_path))
 
 
+def test_learning_rate_schedules_at_known_steps():
+  config = tiny.edm_config('unused')
+  t = config.training
+  t.lr, t.warmup_steps, t.num_steps = 1e-3, 100, 1100
+  _, constant = train.make_optimizer(t)
+  assert [float(constant(s)) for s in (0, 50, 100, 1100, 5000)] == pytest.approx(
+      [0.0, 5e-4, 1e-3, 1e-3, 1e-3])
+  t.lr_decay, t.lr_end_factor = 'cosine', 0.1
+  _, cosine = train.make_optimizer(t)
+  # After warmup: lr * (end + (1 - end) * (1 + cos(pi * k / K)) / 2), k = step - warmup, K = 1000.
+  expected = [0.0, 5e-4, 1e-3, 1e-3 * (0.1 + 0.9 * 0.5), 1e-4, 1e-4]
+  assert [float(cosine(s)) for s in (0, 50, 100, 600, 1100, 5000)] == pytest.approx(expected, rel=1e-5)
+  t.num_steps = 100
+  with pytest.raises(ConfigError, match='warmup_steps'):
+    train.make_optimizer(t)
+  t.lr_decay = 'linear'
+  with pytest.raises(ConfigError, match='constant or cosine'):
+    train.make_optimizer(t)
+
+
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny.edm_config(str(tmp_path / 'empty'))
   config.data.name, config.data.image_size, config.data.num_channels = 'cifar10', 32, 3
