@@ -179,7 +179,7 @@ def run_batched(fn: Callable, params, arrays: dict[str, np.ndarray], batch_size:
   the number of devices. Returns [num_draws, N, ...].
   """
   num = len(next(iter(arrays.values())))
-  padded = sampling_cli.padded_batch_size(batch_size, mesh)
+  padded = sharding.padded_batch_size(batch_size, mesh)
   jitted = jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
   return np.stack([_run_draw(jitted, params, arrays, num, batch_size, padded,
                              jax.random.fold_in(jax.random.PRNGKey(seed), draw), mesh)
@@ -194,7 +194,7 @@ def _run_draw(jitted, params, arrays, num, batch_size, padded, base, mesh) -> np
     for name, array in arrays.items():
       chunk = array[rows]
       pad = np.zeros((padded - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
-      batch[name] = sampling_cli.put_batch(np.concatenate([chunk, pad]), mesh)
+      batch[name] = sharding.put_batch(np.concatenate([chunk, pad]), mesh)
     out = jitted(params, jax.random.fold_in(base, b), batch)
     outputs.append(train.gather(out)[:rows.stop - rows.start])
   return np.concatenate(outputs)

@@ -341,7 +341,6 @@ def _generate(exp: train.Experiment, state: train.TrainState, frozen: dict, samp
   params = (frozen['teacher_params'] if sampler == 'teacher_heun'
             else train.eval_params(state, s.ema_index))
   batch = min(s.batch_size, num_samples)
-  batch = max(batch - batch % exp.mesh.size, exp.mesh.size)
   start = time.time()
   images, labels, nfe = train.sample_images(exp, params, sampler, num_samples, s.seed, batch)
   logging.info('%d %s samples (NFE %d) in %.1f s.', images.shape[0], sampler, nfe, time.time() - start)

@@ -49,7 +49,6 @@ def generate(exp: train.Experiment, state: train.TrainState, frozen: dict, sampl
   params = frozen['teacher_params'] if sampler == 'teacher_heun' else train.eval_params(
       state, s.ema_index)
   batch = min(s.batch_size, num_samples)
-  batch = max(batch - batch % exp.mesh.size, exp.mesh.size)
   images, labels, nfe = train.sample_images(exp, params, sampler, num_samples, s.seed, batch)
   out_dir = samples_dir(exp.workdir, sampler, nfe)
   result = {'sampler': sampler, 'nfe': nfe, 'num_samples': int(images.shape[0])}

@@ -26,7 +26,6 @@ sampling.search_steps steps, and samples with them as 'multistep_searched'.
 import copy
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, Callable
@@ -42,66 +41,9 @@ from cm_jax.errors import ConfigError
 SEARCHED = 'multistep_searched'
 
 
-# --------------------------------------------------------------------------------------------------
-# Sharded batches.
-# --------------------------------------------------------------------------------------------------
-def padded_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
-  """The smallest multiple of (devices, processes) that holds `batch_size` rows."""
-  step = math.lcm(mesh.size, jax.process_count())
-  return -(-batch_size // step) * step
-
-
-def put_batch(array: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
-  """A host array present on every process as a global array split along axis 0 over the mesh."""
-  array = np.asarray(array)
-  return jax.make_array_from_callback(array.shape, sharding.batch_sharding(mesh),
-                                      lambda index: array[index])
-
-
 def check_sampling_batch(batch_size: int, num: int, what: str = 'sampling') -> None:
   if batch_size < 1 or num < 1:
     raise ConfigError(f'{what}.batch_size={batch_size} and {what}.num_samples={num} must be >= 1.')
-
-
-class ShardedSampler:
-  """Draws samples from `sample_fn(params, rng, labels, shape)` in batches sharded over a mesh.
-
-  Compiled once per instance: call it again with other params (of the same structure) for free.
-  Batch b uses the key fold_in(PRNGKey(seed), b) (and, when class-conditional, labels drawn from
-  fold_in(key, 1)), as `train.sample_images`; the compiled batch is padded to a multiple of the
-  devices and processes, and since JAX's random bits do not depend on the array's sharding or on
-  rows appended after them, the samples are the same on any number of devices.
-  """
-
-  def __init__(self, sample_fn: sampling.SampleFn, mesh: jax.sharding.Mesh, image_shape,
-               batch_size: int, num_classes: int = 0):
-    self.mesh, self.batch_size, self.num_classes = mesh, batch_size, num_classes
-    self.padded = padded_batch_size(batch_size, mesh)
-    shape = (self.padded,) + tuple(image_shape)
-    self._jitted = jax.jit(lambda params, key, labels: sample_fn(params, key, labels, shape),
-                           out_shardings=sharding.batch_sharding(mesh))
-
-  def __call__(self, params, num: int, seed: int, labels: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray | None]:
-    """(`num` uint8 NHWC samples on every process, their int labels or None)."""
-    base = jax.random.PRNGKey(seed)
-    outputs, out_labels = [], []
-    for b in range(-(-num // self.batch_size)):
-      key = jax.random.fold_in(base, b)
-      batch_labels = None
-      if self.num_classes > 0:
-        if labels is not None:
-          chosen = np.asarray(labels)[b * self.batch_size:(b + 1) * self.batch_size]
-          batch_labels = np.resize(chosen, self.padded)
-        else:
-          batch_labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (self.padded,), 0,
-                                                       self.num_classes))
-        out_labels.append(batch_labels[:self.batch_size])
-        batch_labels = put_batch(batch_labels.astype(np.int32), self.mesh)
-      images = self._jitted(params, key, batch_labels)
-      outputs.append(data.to_uint8(train.gather(images))[:self.batch_size])
-    images = np.concatenate(outputs)[:num]
-    return images, (np.concatenate(out_labels)[:num] if out_labels else None)
 
 
 def write_outputs(workdir: str, name: str, nfe: int, images: np.ndarray, labels, config,
@@ -170,7 +112,7 @@ def time_search(exp: train.Experiment, params, score_fn: Callable[[np.ndarray], 
     return sampling.multistep_sample(exp.model.consistency_fn(model_params, labels), rng, shape,
                                      sigmas, m.sigma_min)
 
-  sampler = ShardedSampler(sample_fn, exp.mesh, exp.image_shape, batch_size, m.num_classes)
+  sampler = train.ShardedSampler(sample_fn, exp.mesh, exp.image_shape, batch_size, m.num_classes)
   grid = np.asarray(sampling.sigmas_from_indices(range(num_scales), num_scales, m), np.float32)
 
   def score(ts):
@@ -256,7 +198,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if name == 'multistep':
       extra['sigmas'] = exp.method.multistep_sigmas()
   start = time.time()
-  sampler = ShardedSampler(fn, exp.mesh, exp.image_shape, min(s.batch_size, s.num_samples),
+  sampler = train.ShardedSampler(fn, exp.mesh, exp.image_shape, min(s.batch_size, s.num_samples),
                            m.num_classes)
   images, labels = sampler(params, s.num_samples, s.seed)
   logging.info('%d %s samples (NFE %d) in %.1f s.', images.shape[0], name, nfe, time.time() - start)

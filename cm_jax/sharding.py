@@ -42,6 +42,18 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def padded_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """The smallest multiple of (devices, processes) that holds `batch_size` rows."""
+  step = math.lcm(mesh.size, jax.process_count())
+  return -(-batch_size // step) * step
+
+
+def put_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array present on every process as a global array split along axis 0 over the mesh."""
+  array = np.asarray(array)
+  return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda index: array[index])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

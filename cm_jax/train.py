@@ -85,6 +85,8 @@ class Experiment:
   lr_schedule: optax.Schedule
   abstract_state: TrainState
   state_shardings: TrainState
+  # Compiled samplers of sample_images, by (sampler name, batch size).
+  samplers: dict = dataclasses.field(default_factory=dict, repr=False)
 
   @property
   def image_shape(self):
@@ -154,41 +156,62 @@ def make_train_step(exp: Experiment, frozen_shardings):
 # --------------------------------------------------------------------------------------------------
 # Samples and sample grids.
 # --------------------------------------------------------------------------------------------------
+class ShardedSampler:
+  """Draws samples from `sample_fn(params, rng, labels, shape)` in batches sharded over a mesh.
+
+  Compiled once per instance: call it again with other params (of the same structure) for free.
+  Batch b uses the key fold_in(PRNGKey(seed), b) (and, when class-conditional, labels drawn from
+  fold_in(key, 1)); the compiled batch is padded to a multiple of the devices and processes, and
+  since JAX's random bits do not depend on the array's sharding or on rows appended after them, the
+  samples are the same on any number of devices.
+  """
+
+  def __init__(self, sample_fn, mesh: jax.sharding.Mesh, image_shape,
+               batch_size: int, num_classes: int = 0):
+    self.mesh, self.batch_size, self.num_classes = mesh, batch_size, num_classes
+    self.padded = sharding.padded_batch_size(batch_size, mesh)
+    shape = (self.padded,) + tuple(image_shape)
+    self._jitted = jax.jit(lambda params, key, labels: sample_fn(params, key, labels, shape),
+                           out_shardings=sharding.batch_sharding(mesh))
+
+  def __call__(self, params, num: int, seed: int, labels: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(`num` uint8 NHWC samples on every process, their int labels or None)."""
+    base = jax.random.PRNGKey(seed)
+    outputs, out_labels = [], []
+    for b in range(-(-num // self.batch_size)):
+      key = jax.random.fold_in(base, b)
+      batch_labels = None
+      if self.num_classes > 0:
+        if labels is not None:
+          chosen = np.asarray(labels)[b * self.batch_size:(b + 1) * self.batch_size]
+          batch_labels = np.resize(chosen, self.padded)
+        else:
+          batch_labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (self.padded,), 0,
+                                                       self.num_classes))
+        out_labels.append(batch_labels[:self.batch_size])
+        batch_labels = sharding.put_batch(batch_labels.astype(np.int32), self.mesh)
+      images = self._jitted(params, key, batch_labels)
+      outputs.append(data.to_uint8(gather(images))[:self.batch_size])
+    images = np.concatenate(outputs)[:num]
+    return images, (np.concatenate(out_labels)[:num] if out_labels else None)
+
+
 def sample_images(exp: Experiment, params, sampler: str, num: int, seed: int, batch_size: int,
                   labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
-  """`num` samples as uint8 NHWC on every process, generated sharded over all devices.
+  """`num` samples of a named sampler as uint8 NHWC on every process: (images, labels, NFE).
 
-  Batch b uses the key fold_in(PRNGKey(seed), b): the same seed gives the same samples on any number
-  of devices (the random bits do not depend on the sharding).
+  Any batch size works on any mesh (see ShardedSampler): the same seed and batch size give the same
+  samples on any number of devices. The compiled sampler is kept on `exp` for the next call.
   """
-  sharding.check_batch(batch_size, exp.mesh, 'sampling.batch_size')
-  fn, nfe = exp.method.sampler(sampler)
-  num_classes = exp.config.model.num_classes
-  batch_sh = sharding.batch_sharding(exp.mesh)
-  shape = (batch_size,) + exp.image_shape
-
-  def sample_batch(params, key, batch_labels):
-    return fn(params, key, batch_labels, shape)
-
-  jitted = jax.jit(sample_batch, out_shardings=batch_sh)
-  base = jax.random.PRNGKey(seed)
-  outputs, out_labels = [], []
-  for b in range(-(-num // batch_size)):
-    key = jax.random.fold_in(base, b)
-    batch_labels = None
-    if num_classes > 0:
-      if labels is not None:
-        batch_labels = np.resize(np.asarray(labels)[b * batch_size:(b + 1) * batch_size], batch_size)
-      else:
-        batch_labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0,
-                                                     num_classes))
-      out_labels.append(batch_labels)
-      batch_labels = jnp.asarray(batch_labels, jnp.int32)
-    images = jitted(params, key, batch_labels)
-    outputs.append(data.to_uint8(np.asarray(gather(images))))
-  images = np.concatenate(outputs)[:num]
-  label_arr = np.concatenate(out_labels)[:num] if out_labels else None
-  return images, label_arr, nfe
+  key = (sampler, batch_size)
+  if key not in exp.samplers:
+    fn, nfe = exp.method.sampler(sampler)
+    exp.samplers[key] = (ShardedSampler(fn, exp.mesh, exp.image_shape, batch_size,
+                                        exp.config.model.num_classes), nfe)
+  draw, nfe = exp.samplers[key]
+  images, labels = draw(params, num, seed, labels)
+  return images, labels, nfe
 
 
 def gather(x: jax.Array) -> np.ndarray:
@@ -403,8 +426,7 @@ def write_grids(exp: Experiment, state: TrainState, frozen, writer, step: int,
     params = frozen['teacher_params'] if name == 'teacher_heun' else eval_params(
         state, exp.config.sampling.ema_index)
     num = exp.config.training.num_grid_samples
-    batch = num - num % exp.mesh.size if num >= exp.mesh.size else exp.mesh.size
-    images, _, nfe = sample_images(exp, params, name, num, exp.config.sampling.seed, batch)
+    images, _, nfe = sample_images(exp, params, name, num, exp.config.sampling.seed, num)
     grid = image_grid(images)
     path = os.path.join(exp.workdir, 'samples', f'grid_{name}_nfe{nfe}_step{step}.png')
     if jax.process_index() == 0:

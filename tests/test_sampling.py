@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cm_jax import editing, editing_cli, karras, sampling, sampling_cli
+from cm_jax import editing, editing_cli, karras, sampling, sampling_cli, train
 from cm_jax.errors import ConfigError
 from tests import gaussian
 
@@ -200,7 +200,7 @@ def sharded_outputs(params_path: str, devices) -> dict[str, np.ndarray]:
   sigmas = [T, 0.6]
   fn = lambda p, rng, labels, shape: sampling.multistep_sample(model.consistency_fn(p, labels), rng,
                                                                shape, sigmas, EPS)
-  sampler = sampling_cli.ShardedSampler(fn, mesh, (8, 8, 1), batch_size=6, num_classes=10)
+  sampler = train.ShardedSampler(fn, mesh, (8, 8, 1), batch_size=6, num_classes=10)
   images, labels = sampler(params, 10, seed=5)
   reference = np.linspace(-1, 1, 10 * 64, dtype=np.float32).reshape(10, 8, 8, 1)
   mask = editing.named_mask('lower_half', 8)
@@ -275,7 +275,7 @@ def test_same_seed_same_samples_and_edits_on_2_processes(tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sample_mode_end_to_end(tmp_path, digits_data_dir):
-  from cm_jax import run, train
+  from cm_jax import run
   from tests import tiny
   workdir = str(tmp_path / 'edm')
   config = tiny.edm_config(digits_data_dir, steps=2)
@@ -302,7 +302,6 @@ def test_sample_mode_end_to_end(tmp_path, digits_data_dir):
 
 @pytest.mark.slow
 def test_time_search_on_a_network_compiles_once(digits_data_dir):
-  from cm_jax import train
   from tests import tiny
   config = tiny.cd_config(digits_data_dir, '/nonexistent', steps=2)
   exp = train.build_experiment(config, '/tmp/unused')
