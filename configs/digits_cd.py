@@ -25,11 +25,14 @@ def get_config(distance: str = 'l2'):
   config.consistency.distance = distance
   config.training.optimizer = 'radam'
   config.training.batch_size = 128
-  config.training.num_steps = 3000
+  # 2000 steps with a cosine decay keep the main job (teacher included) under 20 minutes on 2 CPU
+  # cores (0.215 s a step there); at a constant rate the same steps scored worse (README).
+  config.training.num_steps = 2000
   config.training.lr = 4e-4
+  config.training.lr_decay = 'cosine'
   config.training.ema_decays = (0.999,)
   config.training.log_every = 200
-  config.training.checkpoint_every = 1000
+  config.training.checkpoint_every = 500
   config.training.final_samplers = ('onestep', 'multistep', 'teacher_heun')
   config.sampling.ts = (0, 11, 17)  # The paper's CIFAR-10 2-step time points on the N = 18 grid.
   config.sampling.num_samples = 1000

@@ -96,7 +96,7 @@ def test_bad_config_values_fail_before_compiling(tmp_path, digits_data_dir):
 def test_learning_rate_schedules_at_known_steps():
   config = tiny.edm_config('unused')
   t = config.training
-  t.lr, t.warmup_steps, t.num_steps = 1e-3, 100, 1100
+  t.lr, t.warmup_steps, t.num_steps, t.lr_decay = 1e-3, 100, 1100, 'constant'
   _, constant = train.make_optimizer(t)
   assert [float(constant(s)) for s in (0, 50, 100, 1100, 5000)] == pytest.approx(
       [0.0, 5e-4, 1e-3, 1e-3, 1e-3])
