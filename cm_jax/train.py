@@ -44,11 +44,9 @@ def make_optimizer(training) -> tuple[optax.GradientTransformation, optax.Schedu
   if training.lr_decay == 'constant':
     after = optax.constant_schedule(training.lr)
   elif training.lr_decay == 'cosine':
-    if training.num_steps <= warmup:
-      raise ConfigError(f'training.lr_decay=cosine needs training.num_steps ({training.num_steps}) '
-                        f'> training.warmup_steps ({warmup}).')
-    # Decays to lr_end_factor * lr at training.num_steps (and stays there if the run is extended).
-    after = optax.cosine_decay_schedule(training.lr, training.num_steps - warmup,
+    # Decays to lr_end_factor * lr at training.num_steps and stays there. It depends on num_steps:
+    # raising num_steps to extend a finished run changes the rate of the steps still to come.
+    after = optax.cosine_decay_schedule(training.lr, max(training.num_steps - warmup, 1),
                                         alpha=training.lr_end_factor)
   else:
     raise ConfigError(f'training.lr_decay={training.lr_decay!r}: use constant or cosine.')

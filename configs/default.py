@@ -108,7 +108,9 @@ def get_config() -> ml_collections.ConfigDict:
   training.eps = 1e-8
   training.weight_decay = 0.0
   training.warmup_steps = 0
-  training.lr_decay = 'constant'  # 'constant' (the papers') | 'cosine' (to lr_end_factor * lr at num_steps)
+  # 'constant' (the papers') | 'cosine' (to lr_end_factor * lr at num_steps; so it depends on num_steps:
+  # extending a finished cosine run by raising num_steps changes the rate of the steps to come).
+  training.lr_decay = 'constant'
   training.lr_end_factor = 0.0
   training.grad_clip = 1.0  # Global-norm clip; <= 0 disables it.
   training.ema_decays = (0.999,)

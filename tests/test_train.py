@@ -9,17 +9,27 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import run, train
+from cm_jax import checkpointing, run, train
 from cm_jax.errors import ConfigError, DatasetNotFoundError, NonFiniteLossError, WorkdirError
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, digits_data_dir):
-  full = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=6), str(tmp_path / 'a'))
-  first = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=3), str(tmp_path / 'b'))
-  resumed = train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=6), str(tmp_path / 'b'))
+@pytest.mark.parametrize('lr_decay', ['constant', 'cosine'])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, digits_data_dir, monkeypatch,
+                                                              lr_decay):
+  def config():
+    c = tiny.edm_config(digits_data_dir, steps=6)
+    c.training.lr_decay = lr_decay
+    return c
+  full = train.train_and_evaluate(config(), str(tmp_path / 'a'))
+  # The same command stopped after step 3 (as by a preemption notice), then relaunched.
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 3)
+    first = train.train_and_evaluate(config(), str(tmp_path / 'b'))
+  assert first['preempted']
+  resumed = train.train_and_evaluate(config(), str(tmp_path / 'b'))
   assert [s for s, _ in first['losses']] == [0, 1, 2]
   assert [s for s, _ in resumed['losses']] == [3, 4, 5]  # Started at the saved step, not from 0.
   assert dict(full['losses']) == dict(first['losses'] + resumed['losses'])  # Bitwise on CPU.
@@ -105,9 +115,9 @@ def test_learning_rate_schedules_at_known_steps():
   # After warmup: lr * (end + (1 - end) * (1 + cos(pi * k / K)) / 2), k = step - warmup, K = 1000.
   expected = [0.0, 5e-4, 1e-3, 1e-3 * (0.1 + 0.9 * 0.5), 1e-4, 1e-4]
   assert [float(cosine(s)) for s in (0, 50, 100, 600, 1100, 5000)] == pytest.approx(expected, rel=1e-5)
-  t.num_steps = 100
-  with pytest.raises(ConfigError, match='warmup_steps'):
-    train.make_optimizer(t)
+  t.num_steps = 0  # A run built only to restore or sample: warmup, then the end rate.
+  _, short = train.make_optimizer(t)
+  assert [float(short(s)) for s in (50, 100, 101)] == pytest.approx([5e-4, 1e-3, 1e-4], rel=1e-5)
   t.lr_decay = 'linear'
   with pytest.raises(ConfigError, match='constant or cosine'):
     train.make_optimizer(t)
@@ -131,7 +141,7 @@ def test_command_line_overrides_and_their_errors(tmp_path):
   bad_key = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
                     '--config.training.lrr=1')
   assert bad_key.returncode != 0
-  assert "no 'lrr' in training" in bad_key.stderr and 'lr, num_grid_samples' in bad_key.stderr
+  assert "no 'lrr' in training" in bad_key.stderr and 'lr, lr_decay, lr_end_factor, num_grid_samples' in bad_key.stderr
   bad_type = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
                      '--config.training.lr=fast')
   assert bad_type.returncode != 0 and "could not convert string to float: 'fast'" in bad_type.stderr
