@@ -9,6 +9,7 @@ import math
 import os
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -34,7 +35,24 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   if data * fsdp != num:
     raise ConfigError(f'mesh.data={mesh_config.data} x mesh.fsdp={fsdp} must use all {num} devices; '
                       'set mesh.data=-1 to use the rest.')
-  return Mesh(np.asarray(devices).reshape(data, fsdp), ('data', 'fsdp'))
+  return Mesh(device_grid(devices, data, fsdp), ('data', 'fsdp'))
+
+
+def device_grid(devices, data: int, fsdp: int) -> np.ndarray:
+  """The devices as a [data, fsdp] array laid out along the interconnect.
+
+  On TPU, `mesh_utils` follows the physical topology (neighbouring chips share an fsdp group), and
+  on several slices (multislice) the data axis spans the slices, so only the data-parallel gradient
+  reduction crosses the slower data-centre network. Elsewhere the order is jax.devices()'s.
+  """
+  slices = sorted({getattr(d, 'slice_index', 0) for d in devices})
+  if len(slices) > 1:
+    if data % len(slices):
+      raise ConfigError(f'mesh.data={data} must be a multiple of the {len(slices)} TPU slices (the '
+                        'data axis spans the slices; fsdp stays inside one).')
+    return mesh_utils.create_hybrid_device_mesh((data // len(slices), fsdp), (len(slices), 1),
+                                                devices, allow_split_physical_axes=True)
+  return mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

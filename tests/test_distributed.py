@@ -193,6 +193,31 @@ def test_bfloat16_compute_trains_with_float32_state(baseline, tmp_path, digits_d
 
 
 # ---- Multi-process set-up and errors before compiling. ----
+def test_device_grid_keeps_fsdp_groups_inside_a_slice():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+
+  @dataclasses.dataclass(frozen=True)
+  class FakeDevice:  # What mesh_utils reads of a device (two slices of 4, two per host).
+    id: int
+    slice_index: int
+    process_index: int
+    platform: str = 'cpu'
+    device_kind: str = 'cpu'
+
+  ids = np.vectorize(lambda d: d.id)
+  slice_of = np.vectorize(lambda d: d.slice_index)
+  two_slices = [FakeDevice(i, i // 4, i // 2) for i in range(8)]
+  grid = sharding.device_grid(two_slices, 4, 2)
+  assert grid.shape == (4, 2) and sorted(ids(grid).ravel()) == list(range(8))
+  # Each fsdp group (a row) sits in one slice; the data axis crosses the slices.
+  assert all(len(set(row)) == 1 for row in slice_of(grid)) and set(slice_of(grid)[:, 0]) == {0, 1}
+  with pytest.raises(ConfigError, match='multiple of the 2 TPU slices'):
+    sharding.device_grid(two_slices, 1, 8)
+  one_slice = [FakeDevice(i, 0, i // 2) for i in range(8)]
+  np.testing.assert_array_equal(ids(sharding.device_grid(one_slice, 2, 4)),
+                                np.arange(8).reshape(2, 4))
+
+
 def test_initialize_distributed_needs_complete_flags_outside_a_cluster(monkeypatch):
   for var in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS',
               'TPU_PROCESS_ADDRESSES', 'OMPI_MCA_orte_hnp_uri'):
