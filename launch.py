@@ -74,6 +74,8 @@ def main(argv) -> None:
   tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
   from cm_jax.errors import USER_ERRORS
   try:
+    from cm_jax import config_utils
+    config_utils.check_local_dir(FLAGS.workdir)
     _init_distributed()  # Before anything touches a device.
     import jax
     logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),

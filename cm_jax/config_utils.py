@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import ml_collections
 
@@ -23,6 +24,7 @@ CHOICES = {
     'consistency.noise_sampling': ('uniform', 'lognormal'),
     'consistency.teacher_solver': ('heun', 'euler'),
     'training.optimizer': ('adam', 'radam'),
+    'training.lr_decay': ('constant', 'cosine'),
 }
 
 # Fields that may change between launches of the same run without making it another run.
@@ -67,6 +69,15 @@ def _get(config, dotted: str):
   return value
 
 
+def check_local_dir(path: str, what: str = '--workdir') -> None:
+  """Refuse URL paths (gs://, s3://, ...): run directories are written with local file operations."""
+  if re.match(r'^[A-Za-z][A-Za-z0-9+.-]*://', path or ''):
+    raise WorkdirError(f'{what}={path}: URL paths are not supported for run directories yet (they '
+                       'would be written to a local folder named after the scheme). Use a path on a '
+                       'filesystem that every host mounts (NFS, Filestore, or the bucket through '
+                       'gcsfuse, e.g. /gcs/<bucket>/runs/...).')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raise ConfigError, naming the field and the valid values, for anything the run cannot use."""
   for key, choices in CHOICES.items():
@@ -101,6 +112,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'{config.data.num_channels}: need a positive size and 1 or 3 channels.')
   if not math.isfinite(t.lr) or t.lr <= 0:
     raise ConfigError(f'training.lr={t.lr} must be a positive number.')
+  if not 0.0 <= t.lr_end_factor <= 1.0:
+    raise ConfigError(f'training.lr_end_factor={t.lr_end_factor} must be in [0, 1] (a fraction of '
+                      'training.lr).')
+  check_local_dir(config.teacher.workdir, '--config.teacher.workdir')
 
 
 def _flatten(config, prefix: str = '') -> dict:

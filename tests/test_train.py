@@ -151,6 +151,17 @@ def test_command_line_overrides_and_their_errors(tmp_path):
   assert not os.path.exists(tmp_path / 'checkpoints')
 
 
+def test_url_workdirs_are_refused_with_what_to_do_instead(tmp_path):
+  url = _launch('--config=configs/digits_edm.py', '--workdir=gs://bucket/runs/x')
+  assert url.returncode != 0 and 'Traceback' not in url.stderr
+  assert 'WorkdirError: --workdir=gs://bucket/runs/x: URL paths are not supported' in url.stderr
+  assert 'gcsfuse' in url.stderr and not os.path.exists(os.path.join(REPO, 'gs:'))
+  teacher = _launch('--config=configs/digits_cd.py', f'--workdir={tmp_path}',
+                    '--config.teacher.workdir=s3://bucket/teacher')
+  assert teacher.returncode != 0 and '--config.teacher.workdir=s3://bucket/teacher' in teacher.stderr
+  assert not os.path.exists(tmp_path / 'checkpoints')
+
+
 def test_config_override_applies_and_variants_load(tmp_path):
   # The override reaches the config with its type: validation then rejects the value itself.
   negative = _launch('--config=configs/digits_cd.py:pseudo_huber', f'--workdir={tmp_path}',
