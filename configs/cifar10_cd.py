@@ -23,20 +23,8 @@ def get_config(distance: str = 'lpips'):
   c.teacher_solver = 'heun'
   c.target_ema = 0.0
   c.distance = distance
-  t = config.training
-  t.batch_size = 512
-  t.num_steps = 800_000
-  t.optimizer = 'radam'
-  t.lr = 2e-4 if distance == 'l1' else 4e-4
-  t.warmup_steps = 0
-  t.grad_clip = 0.0
-  t.ema_decays = (0.9999,)
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('onestep', 'multistep')
+  default.paper_schedule(config, batch_size=512, num_steps=800_000, optimizer='radam',
+                         lr=2e-4 if distance == 'l1' else 4e-4, ema_decays=(0.9999,),
+                         final_samplers=('onestep', 'multistep'))
   config.sampling.ts = (0, 11, 17)
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config

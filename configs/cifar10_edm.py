@@ -43,20 +43,8 @@ def get_config():
   cifar10_data(config)
   cifar10_ncsnpp(config.model)
   config.model.dropout = 0.13
-  t = config.training
-  t.batch_size = 512
-  t.num_steps = 400_000
-  t.optimizer = 'adam'
-  t.lr = 1e-3
-  t.warmup_steps = 10_000_000 // 512
-  t.grad_clip = 0.0
-  t.ema_decays = (0.99929,)
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('heun',)
+  default.paper_schedule(config, batch_size=512, num_steps=400_000, optimizer='adam', lr=1e-3,
+                         warmup_steps=10_000_000 // 512, ema_decays=(0.99929,),
+                         final_samplers=('heun',))
   config.sampling.num_steps = 18
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config

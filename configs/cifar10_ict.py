@@ -36,21 +36,9 @@ def get_config():
   config.model.fourier_scale = 0.02
   config.model.dropout = 0.3
   ict_consistency(config.consistency)
-  t = config.training
   # iCT's CIFAR-10 schedule: batch 1024, 400k steps, lr 1e-4, eval EMA 0.99993.
-  t.batch_size = 1024
-  t.num_steps = 400_000
-  t.optimizer = 'radam'
-  t.lr = 1e-4
-  t.grad_clip = 0.0
-  t.ema_decays = (0.99993,)
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('onestep', 'multistep')
+  default.paper_schedule(config, batch_size=1024, num_steps=400_000, optimizer='radam', lr=1e-4,
+                         ema_decays=(0.99993,), final_samplers=('onestep', 'multistep'))
   # 2-step: T, then sigma 0.8 (index 791 of the final N = 1281 grid); the ternary search tunes it.
   config.sampling.sigmas = (80.0, 0.8)
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config

@@ -195,3 +195,22 @@ def get_config() -> ml_collections.ConfigDict:
   edit.label = -1  # Class-conditional runs: the label of file inputs; -1 draws one per image.
 
   return config
+
+
+def paper_schedule(config: ml_collections.ConfigDict, *, batch_size: int, num_steps: int,
+                   optimizer: str, lr: float, ema_decays, final_samplers, warmup_steps: int = 0):
+  """The training block the paper-scale configs share (CIFAR-10, ImageNet 64): no gradient clipping,
+  logs every 100 steps, checkpoints and sample grids every 10k, and 50k samples (FID) in batches of
+  500. What differs between runs is an argument."""
+  t = config.training
+  t.batch_size, t.num_steps, t.optimizer, t.lr = batch_size, num_steps, optimizer, lr
+  t.warmup_steps = warmup_steps
+  t.grad_clip = 0.0
+  t.ema_decays = tuple(ema_decays)
+  t.log_every = 100
+  t.checkpoint_every = 10_000
+  t.sample_every = 10_000
+  t.final_samplers = tuple(final_samplers)
+  config.sampling.num_samples = 50_000
+  config.sampling.batch_size = 500
+  config.eval.num_samples = 50_000

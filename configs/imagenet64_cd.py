@@ -29,21 +29,9 @@ def get_config(distance: str = 'lpips'):
   c.target_ema_schedule = 'fixed'
   c.distance = distance
   c.weighting = 'uniform'
-  t = config.training
-  t.batch_size = 2048
-  t.num_steps = 600_000
-  t.optimizer = 'radam'
-  t.lr = 8e-6
-  t.warmup_steps = 0
-  t.grad_clip = 0.0
-  t.ema_decays = imagenet64_edm.EMA_DECAYS
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('onestep', 'multistep')
+  default.paper_schedule(config, batch_size=2048, num_steps=600_000, optimizer='radam', lr=8e-6,
+                         ema_decays=imagenet64_edm.EMA_DECAYS,
+                         final_samplers=('onestep', 'multistep'))
   config.sampling.ts = (0, 22, 39)
   config.sampling.ema_index = 1  # 0.9999, the evaluation EMA of the CIFAR-10 runs.
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config

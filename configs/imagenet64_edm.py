@@ -58,21 +58,8 @@ def get_config():
   imagenet64_data(config)
   imagenet64_adm(config.model)
   config.model.dropout = 0.1
-  t = config.training
-  t.batch_size = 4096
-  t.num_steps = 610_000
-  t.optimizer = 'adam'
-  t.lr = 1e-4
-  t.warmup_steps = 0
-  t.grad_clip = 0.0
-  t.ema_decays = EMA_DECAYS
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('heun',)
+  default.paper_schedule(config, batch_size=4096, num_steps=610_000, optimizer='adam', lr=1e-4,
+                         ema_decays=EMA_DECAYS, final_samplers=('heun',))
   config.sampling.num_steps = 40  # 40 Heun steps = 79 NFE, the reference's sampler.
   config.sampling.ema_index = 2
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config

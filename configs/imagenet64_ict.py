@@ -25,22 +25,10 @@ def get_config():
   imagenet64_edm.imagenet64_adm(config.model)
   config.model.dropout = 0.0
   cifar10_ict.ict_consistency(config.consistency)
-  t = config.training
-  t.batch_size = 2048
-  t.num_steps = 800_000
-  t.optimizer = 'radam'
-  t.lr = 1e-4
-  t.warmup_steps = 0
-  t.grad_clip = 0.0
-  t.ema_decays = imagenet64_edm.EMA_DECAYS
-  t.log_every = 100
-  t.checkpoint_every = 10_000
-  t.sample_every = 10_000
-  t.final_samplers = ('onestep', 'multistep')
+  default.paper_schedule(config, batch_size=2048, num_steps=800_000, optimizer='radam', lr=1e-4,
+                         ema_decays=imagenet64_edm.EMA_DECAYS,
+                         final_samplers=('onestep', 'multistep'))
   # On the final N = 1281 grid; tune with the time-point search (sampling.search_steps).
   config.sampling.ts = (0, 640, 1280)
   config.sampling.ema_index = 1
-  config.sampling.num_samples = 50_000
-  config.sampling.batch_size = 500
-  config.eval.num_samples = 50_000
   return config
