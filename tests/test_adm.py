@@ -13,6 +13,7 @@ import pytest
 
 from cm_jax.errors import ConfigError
 from cm_jax.networks import adm, get_network
+from tests import network_checks
 from configs import default, imagenet64_edm
 
 
@@ -27,9 +28,7 @@ def _small_config(**overrides) -> ml_collections.ConfigDict:
   return config
 
 
-def _key(seed):
-  # An RngBitGenerator key: XLA:CPU compiles the threefry calls of an init or of dropout masks slowly.
-  return jax.random.key(seed, impl='unsafe_rbg')
+_key = network_checks.fast_key
 
 
 def _inputs(batch, image_size, num_channels):
@@ -145,32 +144,13 @@ def test_noise_conditioning_changes_the_output(small):
 
 def test_dropout_uses_the_key_only_in_training(small):
   _, apply, _, generic, labels = small
-  x, noise_cond = _inputs(4, 16, 3)
-
-  def train(seed):
-    return apply({'params': generic}, x, noise_cond, labels, train=True, rngs={'dropout': _key(seed)})
-  a, b, a_again = train(3), train(4), train(3)
-  assert np.abs(a - b).max() > 1e-3
-  np.testing.assert_array_equal(a, a_again)
-  evaluate = apply({'params': generic}, x, noise_cond, labels, train=False)
-  np.testing.assert_array_equal(evaluate, apply({'params': generic}, x, noise_cond, labels))
-  assert np.abs(evaluate - a).max() > 1e-3
+  network_checks.check_dropout_uses_the_key_only_in_training(apply, generic, *_inputs(4, 16, 3),
+                                                              labels)
 
 
 def test_bfloat16_compute_is_close_to_float32(small):
   config, apply, _, generic, labels = small
-  config = ml_collections.ConfigDict(config)
-  config.dtype = 'bfloat16'
-  net_bf16 = get_network(config, 16, 3)
-  x, noise_cond = _inputs(4, 16, 3)
-  ref = apply({'params': generic}, x, noise_cond, labels)
-  out = jax.jit(net_bf16.apply)({'params': generic}, x, noise_cond, labels)
-  assert out.dtype == jnp.float32
-  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
-  shapes = jax.eval_shape(lambda: net_bf16.init(
-      {'params': _key(0), 'dropout': _key(1)}, x, noise_cond, labels))['params']
-  assert jax.tree.structure(shapes) == jax.tree.structure(generic)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+  network_checks.check_bfloat16_close_to_float32(config, apply, generic, *_inputs(4, 16, 3), labels)
 
 
 def test_timestep_embedding_matches_closed_form():

@@ -11,6 +11,7 @@ import pytest
 
 from cm_jax.errors import ConfigError
 from cm_jax.networks import get_network, layers
+from tests import network_checks
 from configs import default
 
 
@@ -37,10 +38,7 @@ def _init_shapes(net, image_size, num_channels, labels=None):
   return jax.eval_shape(lambda: net.init(rngs, x, jnp.zeros((2,)), labels, train=False))
 
 
-def _key(seed):
-  # An RngBitGenerator key: XLA:CPU compiles the ~100 threefry calls of an init (or the dropout masks
-  # of a training forward) slowly, 15 s for the digits network on 2 cores; these compile in a few.
-  return jax.random.key(seed, impl='unsafe_rbg')
+_key = network_checks.fast_key
 
 
 def _inputs(batch, image_size, num_channels):
@@ -137,33 +135,12 @@ def test_labels_change_the_output(digits):
 
 def test_dropout_uses_the_key_only_in_training(digits):
   _, apply, _, generic, labels = digits
-  x, noise_cond = _inputs(4, 8, 1)
-  def train(seed):
-    return apply({'params': generic}, x, noise_cond, labels, train=True,
-                 rngs={'dropout': _key(seed)})
-  a, b, a_again = train(3), train(4), train(3)
-  assert np.abs(a - b).max() > 1e-3
-  np.testing.assert_array_equal(a, a_again)
-  # No dropout rng needed, and deterministic, in evaluation.
-  evaluate = apply({'params': generic}, x, noise_cond, labels, train=False)
-  np.testing.assert_array_equal(evaluate, apply({'params': generic}, x, noise_cond, labels))
-  assert np.abs(evaluate - a).max() > 1e-3
+  network_checks.check_dropout_uses_the_key_only_in_training(apply, generic, *_inputs(4, 8, 1), labels)
 
 
 def test_bfloat16_compute_is_close_to_float32(digits):
   config, apply, _, generic, labels = digits
-  config = ml_collections.ConfigDict(config)
-  config.dtype = 'bfloat16'
-  net_bf16 = get_network(config, 8, 1)
-  x, noise_cond = _inputs(4, 8, 1)
-  ref = apply({'params': generic}, x, noise_cond, labels)
-  out = jax.jit(net_bf16.apply)({'params': generic}, x, noise_cond, labels)
-  assert out.dtype == jnp.float32
-  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.05
-  # The parameter tree is the same and float32 in both.
-  shapes = _init_shapes(net_bf16, 8, 1, labels[:2])['params']
-  assert jax.tree.structure(shapes) == jax.tree.structure(generic)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+  network_checks.check_bfloat16_close_to_float32(config, apply, generic, *_inputs(4, 8, 1), labels)
 
 
 def test_noise_embeddings_match_closed_forms():
