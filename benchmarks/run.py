@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cm_jax import methods, sharding, train
+from cm_jax import karras, methods, sharding, train
 from configs import cifar10_ct, cifar10_ict, default
 
 SCHEMA_VERSION = 1
@@ -250,19 +250,6 @@ def synthetic_batch(exp: train.Experiment, batch_size: int, seed: int) -> dict:
   return {'image': global_array(images, batch_sh), 'label': global_array(labels, batch_sh)}
 
 
-def frozen_inputs(exp: train.Experiment, params) -> tuple[dict, dict]:
-  """The step's frozen pytrees (CD teacher, LPIPS weights) and their shardings, as train.py builds them."""
-  frozen, shardings = {}, {}
-  if exp.config.method == 'cd':
-    frozen['teacher_params'] = params  # Random teacher = the student's init, as in a real CD run.
-    shardings['teacher_params'] = sharding.tree_shardings(params, exp.mesh)
-  if 'distance_params' in exp.method.frozen_keys():
-    dist_params = exp.method.cm_loss.distance.params
-    shardings['distance_params'] = jax.tree.map(lambda _: sharding.replicated(exp.mesh), dist_params)
-    frozen['distance_params'] = jax.device_put(dist_params, shardings['distance_params'])
-  return frozen, shardings
-
-
 def build(config: ml_collections.ConfigDict, batch_size: int) -> train.Experiment:
   config = copy.deepcopy(config)
   config.training.batch_size = batch_size  # build_experiment checks it divides over the devices.
@@ -278,7 +265,8 @@ def bench_train_step(exp: train.Experiment, params, batch: dict, warmup: int, st
   rng = jax.random.PRNGKey(exp.config.seed)
   # A jit output is a fresh buffer, so the donated state never aliases `params` (teacher, samplers).
   state = jax.jit(lambda p: exp.init_state_fn(p)(rng), out_shardings=exp.state_shardings)(params)
-  frozen, frozen_shardings = frozen_inputs(exp, params)
+  # A random teacher = the student's init, as in a real CD run.
+  frozen, frozen_shardings = train.frozen_inputs(exp, params if exp.config.method == 'cd' else None)
   step_fn = train.make_train_step(exp, frozen_shardings)
   step_numbers = [jnp.asarray(i, jnp.int32) for i in range(warmup + steps + profile_steps)]
   lowered, compiled, compile_times = compile_timed(step_fn, state, frozen, batch, step_numbers[0])
@@ -386,7 +374,7 @@ def bench_sampling(exp: train.Experiment, params, batch_size: int, fwd: float | 
   """
   notes = []
   method = sampler_method(exp.config, exp.model, teacher_levels)
-  full_nfe = sampler_method(exp.config, exp.model, 0).sampler('teacher_heun')[1]
+  full_nfe = karras.ode_nfe(exp.config.sampling.num_steps, 'heun')
   labels = None
   if exp.config.model.num_classes > 0:
     values = np.random.default_rng(1).integers(0, exp.config.model.num_classes, batch_size)
@@ -476,9 +464,10 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, methods_to_tim
   steps = steps if steps is not None else (3 if on_cpu else 10)
   sample_runs = sample_runs if sample_runs is not None else (3 if on_cpu else 10)
   labels = resolve_methods(config, methods_to_time, all_methods)
-  if min(steps, sample_runs, teacher_runs or 1) < 1 or warmup < 0 or teacher_levels < 0:
-    raise ValueError('steps, sample_runs and teacher_runs must be >= 1; warmup and teacher_levels '
-                     '>= 0.')
+  if (min(steps, sample_runs, 1 if teacher_runs is None else teacher_runs) < 1
+      or min(warmup, teacher_levels, 0 if teacher_warmup is None else teacher_warmup) < 0):
+    raise ValueError('steps, sample_runs and teacher_runs must be >= 1; warmup, teacher_warmup and '
+                     'teacher_levels >= 0.')
   load_start = os.getloadavg()
   started = time.perf_counter()
 

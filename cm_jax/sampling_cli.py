@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cm_jax import config_utils, consistency, data, run, sampling, sharding, train
+from cm_jax import config_utils, consistency, run, sampling, train
 from cm_jax.errors import ConfigError
 
 SEARCHED = 'multistep_searched'

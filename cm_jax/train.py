@@ -5,10 +5,8 @@ state (the target network) and samplers.
 """
 
 import dataclasses
-import json
 import logging
 import os
-import time
 from typing import Any
 
 import flax
@@ -319,22 +317,28 @@ def check_finite(steps: list[int], metrics: dict, last_saved: int | None, workdi
         'the same command to resume.')
 
 
+def frozen_inputs(exp: Experiment, teacher_params=None) -> tuple[dict, dict]:
+  """The step's frozen pytrees (the CD teacher, the LPIPS weights) and their shardings."""
+  frozen, shardings = {}, {}
+  if teacher_params is not None:
+    frozen['teacher_params'] = teacher_params
+    shardings['teacher_params'] = sharding.tree_shardings(teacher_params, exp.mesh)
+  if 'distance_params' in exp.method.frozen_keys():
+    dist_params = exp.method.cm_loss.distance.params
+    shardings['distance_params'] = jax.tree.map(lambda _: sharding.replicated(exp.mesh), dist_params)
+    frozen['distance_params'] = jax.device_put(dist_params, shardings['distance_params'])
+  return frozen, shardings
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, load_lpips=None) -> dict:
   """Train (or resume) the run in `workdir` to config.training.num_steps; returns final outputs."""
   workdir = os.path.abspath(workdir)
   # ---- Checks and the whole experiment, before any compilation. ----
   exp = build_experiment(config, workdir, load_lpips)
   config_utils.check_workdir(config, workdir)
-  frozen, frozen_shardings = {}, {}
-  if config.method == 'cd':
-    teacher_params = teacher_lib.load_teacher(config, workdir, exp)
-    frozen['teacher_params'] = teacher_params
-    frozen_shardings['teacher_params'] = sharding.tree_shardings(teacher_params, exp.mesh)
-  if 'distance_params' in exp.method.frozen_keys():
-    dist_params = exp.method.cm_loss.distance.params
-    frozen_shardings['distance_params'] = jax.tree.map(lambda _: sharding.replicated(exp.mesh),
-                                                       dist_params)
-    frozen['distance_params'] = jax.device_put(dist_params, frozen_shardings['distance_params'])
+  teacher_params = (teacher_lib.load_teacher(config, workdir, exp) if config.method == 'cd'
+                    else None)
+  frozen, frozen_shardings = frozen_inputs(exp, teacher_params)
   pipeline = data.InputPipeline(config.data, config.training.batch_size, config.seed,
                                 sharding.batch_sharding(exp.mesh), split=config.data.split)
   if jax.process_index() == 0:
