@@ -158,9 +158,10 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   if saved is None or config.get('allow_other_config', False):
     return
   ignore = RESUMABLE_CHANGES
-  if config.method in ('cd', 'ct') and config.consistency.scale_schedule != 'fixed':
-    # N(k) of the CT and iCT curricula depends on the total step count K: changing it mid-run
-    # would change the schedule of the steps still to come.
+  curriculum = config.method in ('cd', 'ct') and config.consistency.scale_schedule != 'fixed'
+  if curriculum or config.training.lr_decay == 'cosine':
+    # N(k) of the CT and iCT curricula and the cosine learning rate depend on the total step count
+    # K: changing it mid-run would change the schedule of the steps still to come.
     ignore = tuple(k for k in ignore if k != 'training.num_steps')
   diffs = config_differences(saved, config, ignore)
   if diffs:

@@ -46,7 +46,7 @@ def device_grid(devices, data: int, fsdp: int) -> np.ndarray:
   reduction crosses the slower data-centre network. Elsewhere the order is jax.devices()'s.
   """
   slices = sorted({getattr(d, 'slice_index', 0) for d in devices})
-  if len(slices) > 1:
+  if len(slices) > 1 and all(d.platform == 'tpu' for d in devices):
     if data % len(slices):
       raise ConfigError(f'mesh.data={data} must be a multiple of the {len(slices)} TPU slices (the '
                         'data axis spans the slices; fsdp stays inside one).')

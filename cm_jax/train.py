@@ -102,7 +102,6 @@ class Experiment:
 def build_experiment(config, workdir: str, load_lpips=None) -> Experiment:
   config_utils.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(config.training.batch_size, mesh)
   network = get_network(config.model, config.data.image_size, config.data.num_channels)
   model = Preconditioned(network, config.model)
   method = methods.build(config, model, image_shape_of(config), load_lpips)
@@ -335,6 +334,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, load_lpi
   workdir = os.path.abspath(workdir)
   # ---- Checks and the whole experiment, before any compilation. ----
   exp = build_experiment(config, workdir, load_lpips)
+  # Only training reads batches of training.batch_size: sampling a run on another device count works.
+  sharding.check_batch(config.training.batch_size, exp.mesh)
   config_utils.check_workdir(config, workdir)
   teacher_params = (teacher_lib.load_teacher(config, workdir, exp) if config.method == 'cd'
                     else None)

@@ -197,25 +197,28 @@ def test_device_grid_keeps_fsdp_groups_inside_a_slice():
   import dataclasses  # pylint: disable=g-import-not-at-top
 
   @dataclasses.dataclass(frozen=True)
-  class FakeDevice:  # What mesh_utils reads of a device (two slices of 4, two per host).
+  class FakeDevice:  # What mesh_utils reads of a device: two slices (or hosts) of 4 chips.
     id: int
     slice_index: int
     process_index: int
-    platform: str = 'cpu'
-    device_kind: str = 'cpu'
+    coords: tuple
+    core_on_chip: int = 0
+    platform: str = 'tpu'
+    device_kind: str = 'TPU v4'
 
   ids = np.vectorize(lambda d: d.id)
   slice_of = np.vectorize(lambda d: d.slice_index)
-  two_slices = [FakeDevice(i, i // 4, i // 2) for i in range(8)]
+  two_slices = [FakeDevice(i, i // 4, i // 4, (i % 2, i % 4 // 2, 0)) for i in range(8)]
   grid = sharding.device_grid(two_slices, 4, 2)
   assert grid.shape == (4, 2) and sorted(ids(grid).ravel()) == list(range(8))
   # Each fsdp group (a row) sits in one slice; the data axis crosses the slices.
   assert all(len(set(row)) == 1 for row in slice_of(grid)) and set(slice_of(grid)[:, 0]) == {0, 1}
   with pytest.raises(ConfigError, match='multiple of the 2 TPU slices'):
     sharding.device_grid(two_slices, 1, 8)
-  one_slice = [FakeDevice(i, 0, i // 2) for i in range(8)]
-  np.testing.assert_array_equal(ids(sharding.device_grid(one_slice, 2, 4)),
-                                np.arange(8).reshape(2, 4))
+  # Not TPUs (e.g. GPU nodes, which may report a slice_index too): jax.devices() order, any shape.
+  gpus = [dataclasses.replace(d, platform='gpu', device_kind='H100') for d in two_slices]
+  np.testing.assert_array_equal(ids(sharding.device_grid(gpus, 1, 8)), np.arange(8).reshape(1, 8))
+  np.testing.assert_array_equal(ids(sharding.device_grid(gpus, 2, 4)), np.arange(8).reshape(2, 4))
 
 
 def test_initialize_distributed_needs_complete_flags_outside_a_cluster(monkeypatch):
@@ -259,3 +262,21 @@ def test_launch_rejects_a_batch_that_does_not_divide_before_compiling(tmp_path, 
   assert 'use a multiple of 8 (e.g. 8 or 16)' in bad_batch.stderr
   assert 'Traceback' not in bad_batch.stderr
   assert not os.path.exists(tmp_path / 'checkpoints')
+
+
+@pytest.mark.slow
+def test_a_run_samples_on_a_device_count_its_training_batch_does_not_divide(tmp_path,
+                                                                           digits_data_dir):
+  common = ['--config=configs/digits_edm.py', f'--workdir={tmp_path}',
+            f'--config.data.data_dir={digits_data_dir}', '--config.training.batch_size=12',
+            '--config.training.num_steps=2', '--config.model.nf=8', '--config.sampling.num_steps=3',
+            '--config.sampling.num_samples=10', '--config.sampling.batch_size=10']
+  trained = _launch(*common, devices=1)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  with np.load(tmp_path / 'samples' / 'heun_nfe5' / 'samples_10x8x8x1.npz') as npz:
+    on_one = npz['arr_0']
+  # 12 does not divide over 8 devices: only training needs it to; sampling pads its own batches.
+  sampled = _launch(*common, '--mode=sample', devices=8)
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
+  with np.load(tmp_path / 'samples' / 'heun_nfe5' / 'samples_10x8x8x1.npz') as npz:
+    np.testing.assert_array_equal(npz['arr_0'], on_one)

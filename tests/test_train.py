@@ -88,6 +88,21 @@ def test_workdir_of_another_config_is_refused(tmp_path, digits_data_dir):
   assert train.train_and_evaluate(other, str(tmp_path))['step'] == 4
 
 
+def test_extending_num_steps_is_refused_only_where_the_schedule_depends_on_it(tmp_path,
+                                                                            digits_data_dir):
+  for lr_decay, resumable in (('constant', True), ('cosine', False)):
+    workdir = str(tmp_path / lr_decay)
+    config = tiny.edm_config(digits_data_dir, steps=2)
+    config.training.lr_decay = lr_decay
+    train.train_and_evaluate(config, workdir)
+    config.training.num_steps = 3
+    if resumable:
+      assert train.train_and_evaluate(config, workdir)['step'] == 3
+    else:
+      with pytest.raises(WorkdirError, match='training.num_steps: 2 in the workdir, 3 now'):
+        train.train_and_evaluate(config, workdir)
+
+
 def test_bad_config_values_fail_before_compiling(tmp_path, digits_data_dir):
   config = tiny.edm_config(digits_data_dir)
   config.training.batch_size = 0
