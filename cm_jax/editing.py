@@ -285,7 +285,9 @@ def interpolate(consistency_fn: ConsistencyFn, rng: jax.Array, noise_a: jax.Arra
   x = apply_f(flat(sigmas[0] * slerp(noise_a, noise_b, alphas)), sigmas[0])
   keys = jax.random.split(rng, len(sigmas) - 1) if len(sigmas) > 1 else []
   for key, sigma in zip(keys, sigmas[1:]):
-    step_a, step_b = jax.random.normal(key, (2,) + noise_a.shape, noise_a.dtype)
+    key_a, key_b = jax.random.split(key)  # Not one (2, batch) draw: rows must not depend on batch.
+    step_a = jax.random.normal(key_a, noise_a.shape, noise_a.dtype)
+    step_b = jax.random.normal(key_b, noise_a.shape, noise_a.dtype)
     x = apply_f(x + np.sqrt(sigma ** 2 - sigma_min ** 2) * flat(slerp(step_a, step_b, alphas)), sigma)
   return x.reshape((batch, num_points) + noise_a.shape[1:])
 

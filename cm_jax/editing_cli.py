@@ -179,6 +179,7 @@ def run_batched(fn: Callable, params, arrays: dict[str, np.ndarray], batch_size:
   the number of devices. Returns [num_draws, N, ...].
   """
   num = len(next(iter(arrays.values())))
+  batch_size = min(batch_size, num)  # A few inputs are not padded to a whole configured batch.
   padded = sharding.padded_batch_size(batch_size, mesh)
   jitted = jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
   return np.stack([_run_draw(jitted, params, arrays, num, batch_size, padded,
@@ -226,7 +227,8 @@ def _inputs(config, edit_input: str, task: str) -> tuple[np.ndarray, np.ndarray 
       if e.label >= config.model.num_classes:
         raise ConfigError(f'edit.label={e.label} but the model has {config.model.num_classes} classes.')
       labels = (np.full((len(images),), e.label, np.int32) if e.label >= 0 else
-                np.random.default_rng(e.seed).integers(0, config.model.num_classes, len(images)))
+                np.random.default_rng(e.seed).integers(0, config.model.num_classes, len(images),
+                                                      dtype=np.int32))
     return images, labels, False
   split = e.split or d.eval_split
   images, labels = data.load_split(d, split, process_index=0, process_count=1)
@@ -371,7 +373,11 @@ def edit(config: ml_collections.ConfigDict, workdir: str, edit_input: str = '') 
       za = sampling.ode_encode(denoiser, batch['image_a'], ode_steps, m)
       zb = sampling.ode_encode(denoiser, batch['image_b'], ode_steps, m)
     else:
-      za, zb = jax.random.normal(noise_key, (2, rows) + image_shape)
+      # One key per endpoint: the noise of a row then does not depend on the padded batch size, so
+      # on the device count (a single (2, rows) draw would).
+      key_a, key_b = jax.random.split(noise_key)
+      za = jax.random.normal(key_a, (rows,) + image_shape)
+      zb = jax.random.normal(key_b, (rows,) + image_shape)
     return editing.interpolate(f, step_key, za, zb, points, sigmas, m.sigma_min, clip)
 
   start = time.time()

@@ -165,11 +165,20 @@ def test_slerp_and_interpolation_endpoints():
   np.testing.assert_allclose(out[:, -1], wild_f(T * zb, jnp.full((3,), T)), atol=1e-5)
   # Multistep: each endpoint is Alg. 1 with its own later noise.
   out = editing.interpolate(wild_f, jax.random.PRNGKey(6), za, zb, 3, [T, 1.0], EPS)
-  step_a, step_b = jax.random.normal(jax.random.split(jax.random.PRNGKey(6), 1)[0], (2,) + za.shape)
+  key_a, key_b = jax.random.split(jax.random.split(jax.random.PRNGKey(6), 1)[0])
+  step_a, step_b = jax.random.normal(key_a, za.shape), jax.random.normal(key_b, za.shape)
   for z, step, end in ((za, step_a, 0), (zb, step_b, -1)):
     x = wild_f(T * z, jnp.full((3,), T))
     expected = wild_f(x + np.sqrt(1.0 - EPS ** 2) * step, jnp.full((3,), 1.0))
     np.testing.assert_allclose(out[:, end], expected, atol=1e-5)
+
+
+def test_interpolation_rows_do_not_depend_on_padding_rows():
+  # Batches are padded to a multiple of the devices: a row's noise must not depend on the padding.
+  za, zb = jax.random.normal(jax.random.PRNGKey(5), (2, 8, 8, 8, 1))
+  full = editing.interpolate(wild_f, jax.random.PRNGKey(6), za, zb, 3, [T, 1.0, 0.3], EPS)
+  part = editing.interpolate(wild_f, jax.random.PRNGKey(6), za[:6], zb[:6], 3, [T, 1.0, 0.3], EPS)
+  np.testing.assert_allclose(part, full[:6], atol=1e-6)
 
 
 def test_colorization_of_grey_images_says_it_needs_three_channels():
