@@ -33,7 +33,7 @@ import numpy as np
 from clu import metric_writers
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from cm_jax import config_utils, data, run, train
+from cm_jax import config_utils, data, run, sharding, train
 from cm_jax.errors import ConfigError, WorkdirError
 
 DIGITS_DATASET = 'sklearn_digits'
@@ -253,9 +253,7 @@ def reference_stats(config: ml_collections.ConfigDict, workdir: str, inception,
     tmp = path + '.tmp.npz'
     np.savez(tmp, **stats)
     os.replace(tmp, path)  # Readers never see half a file.
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices('cm_jax reference statistics written')
+  sharding.barrier('reference_statistics_written')  # Process 0 may take long: not a collective.
   logging.info('Reference statistics of %d of %d %s[%s] images in %.1f s, cached in %s.',
                features.shape[0], total, config.data.name, config.eval.ref_split, time.time() - start,
                path)
