@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-from torch import nn  # pylint: disable=g-import-not-at-top
-import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+# torch (requirements-test.txt) is required: a missing one fails here instead of skipping quietly.
+import torch
+from torch import nn
+import torch.nn.functional as F
 
 from cm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
 
@@ -315,7 +316,7 @@ class TestPreprocessing:
     np.testing.assert_allclose(actual, expected, atol=2e-6)
 
   def test_tf1_resize_matches_tensorflow_op(self):
-    tf = pytest.importorskip('tensorflow')
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     images = np.random.default_rng(2).uniform(0, 255, size=(2, 13, 32, 3)).astype(np.float32)
     for size in [(299, 299), (7, 50)]:
       expected = tf.raw_ops.ResizeBilinear(images=images, size=size, align_corners=False,

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-from torch import nn  # pylint: disable=g-import-not-at-top
-import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+# torch (requirements-test.txt) is required: a missing one fails here instead of skipping quietly.
+import torch
+from torch import nn
+import torch.nn.functional as F
 
 from cm_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top
 
@@ -226,8 +227,8 @@ class TestFiles:
 
   def test_installed_lin_file_is_the_published_one(self):
     path = lpips.installed_lpips_lin_path()
-    if path is None:
-      pytest.skip('lpips package files not installed (pip install --no-deps lpips).')
+    assert path is not None, ('lpips package files not installed: the README test command installs '
+                              'them (pip install --no-deps lpips==0.1.4).')
     from cm_jax.evaluation import inception  # pylint: disable=g-import-not-at-top
     assert inception.sha256_of_file(path) == lpips.LPIPS_LIN_SHA256
 
