@@ -75,6 +75,7 @@ def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir):
   config = tiny.cd_config(digits_data_dir, '', steps=1)
   config.teacher.config, config.teacher.train_if_missing = str(teacher_config), True
   config.training.final_samplers = ('onestep',)
+  config.training.lr_decay = 'constant'  # So the student may be extended below (a cosine one may not).
   workdir = tmp_path / 'main'
   run.train_and_finish(config, str(workdir))
   assert os.path.isdir(workdir / 'teacher' / 'checkpoints' / '2')
