@@ -19,11 +19,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from cm_jax.modes import MODES  # pylint: disable=g-import-not-at-top
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (path.py or path.py:variant).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Where the run lives: checkpoints, logs, samples, metrics.')
-flags.DEFINE_enum('mode', 'train', ['train', 'sample', 'edit', 'eval'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', MODES, 'What to do (a module of cm_jax/modes).')
 flags.DEFINE_enum('multihost', 'auto', ['auto', 'on', 'off'],
                   'jax.distributed.initialize: auto = when a cluster (TPU pod, SLURM) or the '
                   'flags below say so; on = always; off = never.')
@@ -78,6 +80,9 @@ def main(argv) -> None:
     config_utils.check_local_dir(FLAGS.workdir)
     _init_distributed()  # Before anything touches a device.
     import jax
+    # Random bits that do not depend on how an array is sharded (jax's default since 0.5; set here
+    # so that a run's samples and losses stay the same on any device count whatever the default).
+    jax.config.update('jax_threefry_partitionable', True)
     logging.info('JAX process %d/%d, %d local / %d global devices.', jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     if jax.process_index() > 0:
@@ -89,18 +94,10 @@ def main(argv) -> None:
 
 
 def _run_mode(config) -> None:
-  from cm_jax import run
-  if FLAGS.mode == 'train':
-    run.train_and_finish(config, FLAGS.workdir)
-  elif FLAGS.mode == 'sample':
-    from cm_jax import sampling_cli
-    sampling_cli.sample(config, FLAGS.workdir)
-  elif FLAGS.mode == 'edit':
-    from cm_jax import editing_cli
-    editing_cli.edit(config, FLAGS.workdir, FLAGS.edit_input)
-  elif FLAGS.mode == 'eval':
-    from cm_jax import evaluate
-    evaluate.evaluate(config, FLAGS.workdir, FLAGS.eval_samples)
+  import importlib
+  mode = importlib.import_module(f'cm_jax.modes.{FLAGS.mode}')
+  flags = {'edit': {'edit_input': FLAGS.edit_input}, 'eval': {'samples_path': FLAGS.eval_samples}}
+  mode.run(config, FLAGS.workdir, **flags.get(FLAGS.mode, {}))
 
 
 if __name__ == '__main__':

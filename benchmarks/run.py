@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cm_jax import karras, methods, sharding, train
+from cm_jax import experiment, files, karras, methods, sharding, trainer
 from configs import cifar10_ct, cifar10_ict, default
 
 SCHEMA_VERSION = 1
@@ -226,8 +226,8 @@ def utilisation(flops: float | None, seconds: float, peak: float | None) -> tupl
 # --------------------------------------------------------------------------------------------------
 # Inputs: random weights, synthetic batches.
 # --------------------------------------------------------------------------------------------------
-def init_params(exp: train.Experiment):
-  """Random network params, created sharded; init compiled unoptimised on CPU as train.py does."""
+def init_params(exp: experiment.Experiment):
+  """Random network params, created sharded; init compiled unoptimised on CPU as the trainer does."""
   rng = jax.random.PRNGKey(exp.config.seed)
   init = jax.jit(lambda key: exp.model.init(key, exp.image_shape),
                  out_shardings=exp.state_shardings.params)
@@ -240,7 +240,7 @@ def global_array(values: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Ar
   return jax.make_array_from_callback(values.shape, sharding_, lambda index: values[index])
 
 
-def synthetic_batch(exp: train.Experiment, batch_size: int, seed: int) -> dict:
+def synthetic_batch(exp: experiment.Experiment, batch_size: int, seed: int) -> dict:
   """A training batch of the config's shape: images uniform in [-1, 1], random labels."""
   rng = np.random.default_rng(seed)
   images = rng.uniform(-1.0, 1.0, (batch_size,) + exp.image_shape).astype(np.float32)
@@ -250,24 +250,25 @@ def synthetic_batch(exp: train.Experiment, batch_size: int, seed: int) -> dict:
   return {'image': global_array(images, batch_sh), 'label': global_array(labels, batch_sh)}
 
 
-def build(config: ml_collections.ConfigDict, batch_size: int) -> train.Experiment:
+def build(config: ml_collections.ConfigDict, batch_size: int) -> experiment.Experiment:
   config = copy.deepcopy(config)
   config.training.batch_size = batch_size  # build_experiment checks it divides over the devices.
-  return train.build_experiment(config, workdir='', load_lpips=random_lpips_loader(config))
+  return experiment.build(config, workdir='', load_lpips=random_lpips_loader(config))
 
 
 # --------------------------------------------------------------------------------------------------
 # The training step of one method.
 # --------------------------------------------------------------------------------------------------
-def bench_train_step(exp: train.Experiment, params, batch: dict, warmup: int, steps: int,
+def bench_train_step(exp: experiment.Experiment, params, batch: dict, warmup: int, steps: int,
                      peak: float | None, profile_dir: str = '', profile_steps: int = 0) -> dict:
-  """Compile the real train step (train.make_train_step), then time `steps` calls after `warmup`."""
+  """Compile the real train step (trainer.make_train_step), then time `steps` calls after `warmup`."""
   rng = jax.random.PRNGKey(exp.config.seed)
   # A jit output is a fresh buffer, so the donated state never aliases `params` (teacher, samplers).
   state = jax.jit(lambda p: exp.init_state_fn(p)(rng), out_shardings=exp.state_shardings)(params)
   # A random teacher = the student's init, as in a real CD run.
-  frozen, frozen_shardings = train.frozen_inputs(exp, params if exp.config.method == 'cd' else None)
-  step_fn = train.make_train_step(exp, frozen_shardings)
+  exp.resources.provide(teacher_params=params)
+  frozen = exp.load_frozen()
+  step_fn = trainer.make_train_step(exp, trainer.frozen_shardings_of(frozen))
   step_numbers = [jnp.asarray(i, jnp.int32) for i in range(warmup + steps + profile_steps)]
   lowered, compiled, compile_times = compile_timed(step_fn, state, frozen, batch, step_numbers[0])
 
@@ -312,7 +313,7 @@ def bench_train_step(exp: train.Experiment, params, batch: dict, warmup: int, st
 # Sampling: 1-step, 2-step and the teacher's Heun on the same network.
 # --------------------------------------------------------------------------------------------------
 def sampler_method(config: ml_collections.ConfigDict, model, teacher_levels: int) -> methods.Method:
-  """A CD Method over the config whose samplers are the real ones (methods.Method.sampler).
+  """A CD method over the config whose samplers are the real ones (methods.Method.sampler).
 
   The consistency samplers use the config's time points when it is a consistency run, the paper's
   CIFAR-10 2-step ts = (0, 11, 17) on N = 18 otherwise; 'teacher_heun' runs `teacher_levels` Karras
@@ -324,12 +325,12 @@ def sampler_method(config: ml_collections.ConfigDict, model, teacher_levels: int
     config.sampling.ts, config.sampling.sigmas = (0, 11, 17), ()
   if teacher_levels:
     config.sampling.num_steps = teacher_levels
-  return methods.Method('cd', config, model)
+  return methods.get('cd')(config, model, experiment.image_shape_of(config))
 
 
-def bench_sampler(exp: train.Experiment, fn: Callable, nfe: int, params, labels, batch_size: int,
+def bench_sampler(exp: experiment.Experiment, fn: Callable, nfe: int, params, labels, batch_size: int,
                   warmup: int, runs: int, forward_flops: float | None, peak: float | None) -> dict:
-  """Compile one sampler as train.sample_images jits it, then time `runs` calls after `warmup`."""
+  """Compile one sampler as inference.ShardedSampler jits it, then time `runs` calls after `warmup`."""
   shape = (batch_size,) + exp.image_shape
   jitted = jax.jit(lambda p, key, batch_labels: fn(p, key, batch_labels, shape),
                    out_shardings=sharding.batch_sharding(exp.mesh))
@@ -352,7 +353,7 @@ def bench_sampler(exp: train.Experiment, fn: Callable, nfe: int, params, labels,
   }
 
 
-def forward_flops(exp: train.Experiment, params, batch_size: int) -> float | None:
+def forward_flops(exp: experiment.Experiment, params, batch_size: int) -> float | None:
   """FLOPs of one denoiser call on a batch (XLA cost analysis of the unoptimised HLO)."""
   x = jax.ShapeDtypeStruct((batch_size,) + exp.image_shape, jnp.float32)
   sigma = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
@@ -362,7 +363,7 @@ def forward_flops(exp: train.Experiment, params, batch_size: int) -> float | Non
   return xla_flops(forward.lower(params, x, sigma, labels))
 
 
-def bench_sampling(exp: train.Experiment, params, batch_size: int, fwd: float | None, warmup: int,
+def bench_sampling(exp: experiment.Experiment, params, batch_size: int, fwd: float | None, warmup: int,
                    runs: int, teacher_warmup: int | None, teacher_runs: int | None,
                    teacher_levels: int, peak: float | None) -> tuple[dict, dict, list[str]]:
   """(per-sampler results, {'speedup', 'teacher_warmup', 'teacher_runs'}, notes).
@@ -381,9 +382,11 @@ def bench_sampling(exp: train.Experiment, params, batch_size: int, fwd: float | 
     labels = global_array(values.astype(np.int32), sharding.batch_sharding(exp.mesh))
   results = {}
   for name, source in (('onestep', 'onestep'), ('twostep', 'multistep')):
-    fn, nfe = method.sampler(source)
-    results[name] = bench_sampler(exp, fn, nfe, params, labels, batch_size, warmup, runs, fwd, peak)
-  fn, nfe = method.sampler('teacher_heun')
+    sampler = method.sampler(source)
+    results[name] = bench_sampler(exp, sampler.fn, sampler.nfe, params, labels, batch_size, warmup,
+                                  runs, fwd, peak)
+  teacher_sampler = method.sampler('teacher_heun')
+  fn, nfe = teacher_sampler.fn, teacher_sampler.nfe
   expected_s = results['onestep']['run']['median_s'] * nfe
   long_call = expected_s > LONG_CALL_S
   if teacher_warmup is None:
@@ -397,7 +400,7 @@ def bench_sampling(exp: train.Experiment, params, batch_size: int, fwd: float | 
   results['teacher_heun'] = bench_sampler(exp, fn, nfe, params, labels, batch_size, teacher_warmup,
                                           teacher_runs, fwd, peak)
   twostep_sigmas = method.multistep_sigmas()
-  results['twostep']['sigmas'] = [s for s in twostep_sigmas if s > exp.config.model.sigma_min]
+  results['twostep']['sigmas'] = [s for s in twostep_sigmas if s > exp.config.noise.sigma_min]
   teacher = results['teacher_heun']
   teacher['measured_nfe'] = teacher['nfe']
   teacher['extrapolated'] = teacher['nfe'] != full_nfe
@@ -602,12 +605,9 @@ def default_out_path(config_name: str, batch_size: int) -> str:
 
 def write_outputs(result: dict, out_path: str) -> tuple[str, str]:
   """Write the JSON and, next to it, the markdown table (same name, .md); returns both paths."""
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  with open(out_path, 'w') as f:
-    json.dump(result, f, indent=2)
+  files.atomic_write(out_path, lambda f: json.dump(result, f, indent=2))
   md_path = os.path.splitext(out_path)[0] + '.md'
-  with open(md_path, 'w') as f:
-    f.write(markdown_report(result))
+  files.atomic_write(md_path, lambda f: f.write(markdown_report(result)))
   return out_path, md_path
 
 

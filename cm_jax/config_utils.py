@@ -11,21 +11,13 @@ import re
 
 import ml_collections
 
+from cm_jax import files
 from cm_jax.errors import ConfigError, WorkdirError
 
-CHOICES = {
-    'method': ('edm', 'cd', 'ct'),
-    'model.name': ('ncsnpp', 'adm'),
-    'model.dtype': ('float32', 'bfloat16'),
-    'consistency.scale_schedule': ('fixed', 'ct', 'ict'),
-    'consistency.target_ema_schedule': ('fixed', 'ct'),
-    'consistency.distance': ('l2', 'l1', 'pseudo_huber', 'lpips'),
-    'consistency.weighting': ('uniform', 'ict'),
-    'consistency.noise_sampling': ('uniform', 'lognormal'),
-    'consistency.teacher_solver': ('heun', 'euler'),
-    'training.optimizer': ('adam', 'radam'),
-    'training.lr_decay': ('constant', 'cosine'),
-}
+# Fields that moved to another block: their old dotted name -> the new one. Saved configs of older
+# runs are read with them moved (`migrate`), and an override of an old name says where it went.
+MOVED_FIELDS = {f'model.{name}': f'noise.{name}'
+                for name in ('sigma_min', 'sigma_max', 'sigma_data', 'rho', 'noise_cond_scale')}
 
 # Fields that may change between launches of the same run without making it another run.
 RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.checkpoint_every',
@@ -51,6 +43,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 def check_override_keys(config: ml_collections.ConfigDict, dotted_keys) -> None:
   """Raise ConfigError naming the valid keys for the first override path the config lacks."""
   for dotted in dotted_keys:
+    if dotted in MOVED_FIELDS:
+      raise ConfigError(f'--config.{dotted}: this field is now --config.{MOVED_FIELDS[dotted]}.')
     node, walked = config, []
     for part in dotted.split('.'):
       if not isinstance(node, (dict, ml_collections.ConfigDict)) or part not in node:
@@ -79,34 +73,20 @@ def check_local_dir(path: str, what: str = '--workdir') -> None:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raise ConfigError, naming the field and the valid values, for anything the run cannot use."""
-  for key, choices in CHOICES.items():
-    value = _get(config, key)
-    if value not in choices:
-      raise ConfigError(f'{key}={value!r} is not one of {", ".join(map(repr, choices))}.')
-  t, m, c = config.training, config.model, config.consistency
+  """Raise ConfigError, naming the field, for settings no run can use.
+
+  Named choices (method, network, distance, schedules, optimizer, ...) are checked where they are
+  looked up, when the experiment is built; a method checks its own section (`Method.check_config`).
+  """
+  t, n = config.training, config.noise
   if t.batch_size < 1 or t.num_steps < 0:
     raise ConfigError('training.batch_size must be >= 1 and training.num_steps >= 0.')
   for decay in t.ema_decays:
     if not 0.0 <= decay < 1.0:
       raise ConfigError(f'training.ema_decays={tuple(t.ema_decays)}: each decay must be in [0, 1).')
-  if not 0 < m.sigma_min < m.sigma_max:
-    raise ConfigError(f'model.sigma_min={m.sigma_min} and sigma_max={m.sigma_max} must satisfy '
+  if not 0 < n.sigma_min < n.sigma_max:
+    raise ConfigError(f'noise.sigma_min={n.sigma_min} and sigma_max={n.sigma_max} must satisfy '
                       '0 < sigma_min < sigma_max.')
-  if config.method in ('cd', 'ct'):
-    if c.scale_schedule == 'fixed' and c.num_scales < 2:
-      raise ConfigError(f'consistency.num_scales={c.num_scales} must be >= 2.')
-    if c.scale_schedule != 'fixed' and not 1 <= c.start_scales <= c.end_scales:
-      raise ConfigError(f'consistency.start_scales={c.start_scales} and end_scales={c.end_scales} '
-                        'must satisfy 1 <= start_scales <= end_scales.')
-    if c.target_ema_schedule == 'ct' and not 0.0 < c.target_ema < 1.0:
-      raise ConfigError(f'consistency.target_ema={c.target_ema} must be in (0, 1) with the CT '
-                        'schedule (mu0).')
-    if not 0.0 <= c.target_ema < 1.0:
-      raise ConfigError(f'consistency.target_ema={c.target_ema} must be in [0, 1).')
-  if config.method == 'cd' and not config.teacher.config and not config.teacher.workdir:
-    raise ConfigError('A cd run needs its teacher: set teacher.config (the EDM config file) and/or '
-                      'teacher.workdir (a finished EDM run).')
   if config.data.image_size < 1 or config.data.num_channels not in (1, 3):
     raise ConfigError(f'data.image_size={config.data.image_size} and data.num_channels='
                       f'{config.data.num_channels}: need a positive size and 1 or 3 channels.')
@@ -129,15 +109,31 @@ def _flatten(config, prefix: str = '') -> dict:
   return flat
 
 
-def config_differences(saved: dict, config: ml_collections.ConfigDict, ignore=RESUMABLE_CHANGES):
-  """{field: (saved, now)} for the fields that make a different run."""
+def config_differences(saved: dict, config: ml_collections.ConfigDict, ignore=RESUMABLE_CHANGES,
+                       only: tuple[str, ...] | None = None) -> dict:
+  """{field: (saved, now)} for the fields that make a different run.
+
+  `ignore` and `only` are dotted names or prefixes (blocks such as 'model'); `only` limits the
+  comparison to those fields.
+  """
   now = _flatten(config)
-  saved = _flatten(saved)
-  ignored = lambda k: any(k == p or k.startswith(p + '.') for p in ignore)
+  saved = _flatten(migrate(saved))
+  under = lambda k, prefixes: any(k == p or k.startswith(p + '.') for p in prefixes)
   # A field the saved run does not have was added to cm_jax later: its default keeps the old
   # behaviour, so only fields both configs have are compared.
   return {k: (saved[k], now.get(k)) for k in sorted(saved)
-          if not ignored(k) and saved[k] != now.get(k)}
+          if not under(k, ignore) and (only is None or under(k, only)) and saved[k] != now.get(k)}
+
+
+def migrate(saved: dict) -> dict:
+  """A saved config (a dict from config.json) with MOVED_FIELDS in their current places."""
+  saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+  for old, new in MOVED_FIELDS.items():
+    old_block, old_name = old.split('.')
+    new_block, new_name = new.split('.')
+    if old_name in saved.get(old_block, {}):
+      saved.setdefault(new_block, {}).setdefault(new_name, saved[old_block].pop(old_name))
+  return saved
 
 
 def config_path(workdir: str) -> str:
@@ -149,19 +145,22 @@ def read_saved_config(workdir: str) -> dict | None:
   if not os.path.exists(path):
     return None
   with open(path) as f:
-    return json.load(f)
+    return migrate(json.load(f))
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuse to resume a workdir that holds a run of another config, unless told to."""
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  schedule_needs_num_steps: bool = False) -> None:
+  """Refuse to resume a workdir that holds a run of another config, unless told to.
+
+  `schedule_needs_num_steps`: the method's schedule (e.g. the CT and iCT curricula N(k)) depends on
+  the total step count K, so changing training.num_steps mid-run is another run.
+  """
   saved = read_saved_config(workdir)
   if saved is None or config.get('allow_other_config', False):
     return
   ignore = RESUMABLE_CHANGES
-  curriculum = config.method in ('cd', 'ct') and config.consistency.scale_schedule != 'fixed'
-  if curriculum or config.training.lr_decay == 'cosine':
-    # N(k) of the CT and iCT curricula and the cosine learning rate depend on the total step count
-    # K: changing it mid-run would change the schedule of the steps still to come.
+  if schedule_needs_num_steps or config.training.lr_decay == 'cosine':
+    # The cosine learning rate depends on K too: changing it would change the steps still to come.
     ignore = tuple(k for k in ignore if k != 'training.num_steps')
   diffs = config_differences(saved, config, ignore)
   if diffs:
@@ -172,8 +171,5 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  tmp = config_path(workdir) + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, config_path(workdir))
+  files.atomic_write(config_path(workdir), lambda f: f.write(
+      config.to_json_best_effort(indent=2, sort_keys=True)))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.scipy.special import erf
 
 from cm_jax import karras
-from cm_jax.errors import ConfigError
+from cm_jax.errors import choose
 
 # f(params, x, sigma, rng) -> f_theta(x, sigma); rng drives dropout (shared by online and target calls).
 ConsistencyFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -24,7 +24,7 @@ OdeStep = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 def teacher_ode_step(denoiser: karras.Denoiser, solver: str) -> OdeStep:
   """CD's teacher step (Alg. 2): Heun (the paper's choice for CD) or Euler with the teacher D."""
-  step_fn = {'heun': karras.heun_step, 'euler': karras.euler_step}[solver]
+  step_fn = karras.solver(solver, 'consistency.teacher_solver').step
   return lambda x, sigma, sigma_next: step_fn(denoiser, x, sigma, sigma_next)
 
 
@@ -54,29 +54,34 @@ def ict_num_scales(step, total_steps: int, start_scales: int, end_scales: int):
 
 def max_num_scales(cons_config, total_steps: int) -> int:
   """The largest N any step of the run uses (sizes the index distribution's support)."""
+  del total_steps  # Both curricula end at s1 + 1 whatever their length.
   if cons_config.scale_schedule == 'fixed':
     return cons_config.num_scales
   return cons_config.end_scales + 1
 
 
+# N(k) by consistency.scale_schedule: fn(cons_config, step, total_steps).
+SCALE_SCHEDULES = {
+    'fixed': lambda c, step, total: jnp.asarray(c.num_scales, jnp.int32),
+    'ct': lambda c, step, total: ct_num_scales(step, total, c.start_scales, c.end_scales),
+    'ict': lambda c, step, total: ict_num_scales(step, total, c.start_scales, c.end_scales),
+}
+# mu(k) by consistency.target_ema_schedule: fn(cons_config, num_scales).
+TARGET_EMA_SCHEDULES = {
+    'fixed': lambda c, num_scales: jnp.asarray(c.target_ema, jnp.float32),
+    'ct': lambda c, num_scales: ct_target_ema(num_scales, c.start_scales, c.target_ema),
+}
+
+
 def num_scales_at(cons_config, step, total_steps: int):
-  schedule = cons_config.scale_schedule
-  if schedule == 'fixed':
-    return jnp.asarray(cons_config.num_scales, jnp.int32)
-  if schedule == 'ct':
-    return ct_num_scales(step, total_steps, cons_config.start_scales, cons_config.end_scales)
-  if schedule == 'ict':
-    return ict_num_scales(step, total_steps, cons_config.start_scales, cons_config.end_scales)
-  raise ConfigError(f"consistency.scale_schedule={schedule!r}: use 'fixed', 'ct' or 'ict'.")
+  schedule = choose(SCALE_SCHEDULES, cons_config.scale_schedule, 'consistency.scale_schedule')
+  return schedule(cons_config, step, total_steps)
 
 
 def target_ema_at(cons_config, num_scales):
-  if cons_config.target_ema_schedule == 'fixed':
-    return jnp.asarray(cons_config.target_ema, jnp.float32)
-  if cons_config.target_ema_schedule == 'ct':
-    return ct_target_ema(num_scales, cons_config.start_scales, cons_config.target_ema)
-  raise ConfigError(f'consistency.target_ema_schedule={cons_config.target_ema_schedule!r}: '
-                    "use 'fixed' or 'ct'.")
+  schedule = choose(TARGET_EMA_SCHEDULES, cons_config.target_ema_schedule,
+                    'consistency.target_ema_schedule')
+  return schedule(cons_config, num_scales)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,25 +102,37 @@ def lognormal_index_logits(num_scales, max_scales: int, sigma_min, sigma_max, rh
   return jnp.where(valid & (prob > 0), jnp.log(jnp.where(prob > 0, prob, 1.0)), -jnp.inf)
 
 
-def sample_indices(rng, batch_size: int, cons_config, model_config, num_scales, max_scales: int):
+def _uniform_indices(rng, batch_size, cons_config, noise_config, num_scales, max_scales):
+  del cons_config, noise_config, max_scales
+  return jax.random.randint(rng, (batch_size,), 0, num_scales - 1)
+
+
+def _lognormal_indices(rng, batch_size, cons_config, noise_config, num_scales, max_scales):
+  logits = lognormal_index_logits(num_scales, max_scales, noise_config.sigma_min,
+                                  noise_config.sigma_max, noise_config.rho, cons_config.p_mean,
+                                  cons_config.p_std)
+  return jax.random.categorical(rng, logits, shape=(batch_size,))
+
+
+# Index sampling by consistency.noise_sampling ('lognormal': iCT's discretised log-normal).
+NOISE_SAMPLINGS = {'uniform': _uniform_indices, 'lognormal': _lognormal_indices}
+
+
+def sample_indices(rng, batch_size: int, cons_config, noise_config, num_scales, max_scales: int):
   """Index i in [0, N-2] of the pair (sigma_i, sigma_{i+1}) for each example."""
-  if cons_config.noise_sampling == 'uniform':
-    return jax.random.randint(rng, (batch_size,), 0, num_scales - 1)
-  if cons_config.noise_sampling == 'lognormal':
-    logits = lognormal_index_logits(num_scales, max_scales, model_config.sigma_min,
-                                    model_config.sigma_max, model_config.rho, cons_config.p_mean,
-                                    cons_config.p_std)
-    return jax.random.categorical(rng, logits, shape=(batch_size,))
-  raise ConfigError(f'consistency.noise_sampling={cons_config.noise_sampling!r}: '
-                    "use 'uniform' or 'lognormal'.")
+  sampler = choose(NOISE_SAMPLINGS, cons_config.noise_sampling, 'consistency.noise_sampling')
+  return sampler(rng, batch_size, cons_config, noise_config, num_scales, max_scales)
+
+
+# lambda(sigma_i) by consistency.weighting: fn(sigma_hi, sigma_lo). iCT Sec. 3.4: 1 / (sigma_{i+1} - sigma_i).
+WEIGHTINGS = {
+    'uniform': lambda sigma_hi, sigma_lo: jnp.ones_like(sigma_hi),
+    'ict': lambda sigma_hi, sigma_lo: 1.0 / (sigma_hi - sigma_lo),
+}
 
 
 def loss_weight(weighting: str, sigma_hi: jax.Array, sigma_lo: jax.Array) -> jax.Array:
-  if weighting == 'uniform':
-    return jnp.ones_like(sigma_hi)
-  if weighting == 'ict':  # iCT Sec. 3.4: lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i).
-    return 1.0 / (sigma_hi - sigma_lo)
-  raise ConfigError(f"consistency.weighting={weighting!r}: use 'uniform' or 'ict'.")
+  return choose(WEIGHTINGS, weighting, 'consistency.weighting')(sigma_hi, sigma_lo)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,29 +168,27 @@ class Distance:
   """A distance by name: fn(x, y, params) -> [B]; params is a frozen pytree (LPIPS weights) or None."""
   name: str
   fn: Callable[[jax.Array, jax.Array, Any], jax.Array]
-  params: Any = None
 
 
-DISTANCES = ('l2', 'l1', 'pseudo_huber', 'lpips')
+def _pseudo_huber(cons_config, image_shape):
+  c = cons_config.huber_c
+  if c < 0:
+    c = ict_huber_c(math.prod(image_shape))
+  return lambda x, y, params: pseudo_huber_distance(x, y, c)
 
 
-def make_distance(cons_config, image_shape, load_lpips: Callable[[], Any] | None = None) -> Distance:
-  """The registry of distances; `image_shape` is (H, W, C)."""
-  name = cons_config.distance
-  if name == 'l2':
-    return Distance(name, l2_distance)
-  if name == 'l1':
-    return Distance(name, l1_distance)
-  if name == 'pseudo_huber':
-    c = cons_config.huber_c
-    if c < 0:
-      c = ict_huber_c(math.prod(image_shape))
-    return Distance(name, lambda x, y, params: pseudo_huber_distance(x, y, c))
-  if name == 'lpips':
-    from cm_jax.evaluation import lpips  # Heavy; only for runs that ask for it.
-    params = (load_lpips or lpips.load_lpips)()
-    return Distance(name, lambda x, y, p: lpips.lpips_distance(p, x, y), params)
-  raise ConfigError(f'consistency.distance={name!r} is unknown: use one of {", ".join(DISTANCES)}.')
+# The distances that need no weights, by consistency.distance: factory(cons_config, image_shape) -> fn.
+DISTANCES = {
+    'l2': lambda cons_config, image_shape: l2_distance,
+    'l1': lambda cons_config, image_shape: l1_distance,
+    'pseudo_huber': _pseudo_huber,
+}
+
+
+def make_distance(cons_config, image_shape, more: dict | None = None) -> Distance:
+  """The distance of consistency.distance; `more` adds factories (the methods add LPIPS)."""
+  factory = choose({**DISTANCES, **(more or {})}, cons_config.distance, 'consistency.distance')
+  return Distance(cons_config.distance, factory(cons_config, image_shape))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,11 +196,22 @@ def make_distance(cons_config, image_shape, load_lpips: Callable[[], Any] | None
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ConsistencyLoss:
-  """CD (teacher given) or CT (teacher None) loss over a config; see `__call__`."""
+  """CD (teacher given) or CT (teacher None) loss over a config; see `__call__`.
+
+  `noise_config` holds the Karras grid (sigma_min, sigma_max, rho). Every named choice of
+  `cons_config` is checked when the loss is built, not when it is traced.
+  """
   cons_config: Any
-  model_config: Any
+  noise_config: Any
   total_steps: int
   distance: Distance
+
+  def __post_init__(self):
+    c = self.cons_config
+    choose(SCALE_SCHEDULES, c.scale_schedule, 'consistency.scale_schedule')
+    choose(TARGET_EMA_SCHEDULES, c.target_ema_schedule, 'consistency.target_ema_schedule')
+    choose(NOISE_SAMPLINGS, c.noise_sampling, 'consistency.noise_sampling')
+    choose(WEIGHTINGS, c.weighting, 'consistency.weighting')
 
   @property
   def max_scales(self) -> int:
@@ -201,28 +227,28 @@ class ConsistencyLoss:
     """CM Alg. 2 (ode_step given: one ODE step of the teacher) or Alg. 3 (ode_step None: CT).
 
     Returns (loss, aux); the target branch is under stop_gradient, and online and target calls use
-    the same dropout key.
+    the same dropout key. `distance_params` are the distance's weights (LPIPS) or None.
     """
-    cons, model = self.cons_config, self.model_config
+    cons, noise_config = self.cons_config, self.noise_config
     batch = x0.shape[0]
     idx_rng, noise_rng, dropout_rng = jax.random.split(rng, 3)
     num_scales, _ = self.schedule(step)
-    idx = sample_indices(idx_rng, batch, cons, model, num_scales, self.max_scales)
-    grid = lambda i: karras.sigma_at(i, num_scales, model.sigma_min, model.sigma_max, model.rho)
+    idx = sample_indices(idx_rng, batch, cons, noise_config, num_scales, self.max_scales)
+    grid = lambda i: karras.sigma_at(i, num_scales, noise_config.sigma_min, noise_config.sigma_max,
+                                     noise_config.rho)
     sigma_hi, sigma_lo = grid(idx), grid(idx + 1)
     noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-    x_hi = x0 + karras._bcast(sigma_hi, x0) * noise
+    x_hi = x0 + karras.bcast(sigma_hi, x0) * noise
     if ode_step is None:
       # CT (Alg. 3): the Euler step with the unbiased score estimate (x_hi - x0) / sigma_hi^2 lands
       # exactly on x0 + sigma_lo z, the same noise.
-      x_lo = x0 + karras._bcast(sigma_lo, x0) * noise
+      x_lo = x0 + karras.bcast(sigma_lo, x0) * noise
     else:
       x_lo = ode_step(x_hi, sigma_hi, sigma_lo)
     x_lo = jax.lax.stop_gradient(x_lo)
     online = consistency_fn(params, x_hi, sigma_hi, dropout_rng)
     target = jax.lax.stop_gradient(consistency_fn(target_params, x_lo, sigma_lo, dropout_rng))
-    dist = self.distance.fn(online, target, self.distance.params if distance_params is None
-                            else distance_params)
+    dist = self.distance.fn(online, target, distance_params)
     weight = loss_weight(cons.weighting, sigma_hi, sigma_lo)
     loss = jnp.mean(weight * dist)
     aux = {'num_scales': num_scales, 'mean_sigma': jnp.mean(sigma_hi),

@@ -165,6 +165,33 @@ def _read_numpy(dataset: tf.data.Dataset, num_examples: int | None,
   return images, labels
 
 
+def prepared_builder(data_config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, bool]:
+  """(the dataset's builder, whether its images need crop + resize), checked against the config
+  before any data is read; the embedded dataset is built here on first use."""
+  _hide_gpus_from_tf()
+  name = data_config.name
+  builder = _builder(data_config)
+  crop_resize = _check_image_feature(builder, data_config)
+  if not builder.is_prepared():
+    if not _embedded(name):
+      raise DatasetNotFoundError(
+          f'Dataset {name!r} is not prepared in {builder.data_dir_root} (no '
+          f'{builder.data_dir}). ' + _prepare_instructions(name, str(builder.data_dir_root)))
+    builder = _prepare_embedded(builder, data_config)
+  return builder, crop_resize
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, name: str, split: str, sub_split: str) -> int | None:
+  if not builder.info.splits:  # Empty only for mocked metadata (tfds.testing.mock_data).
+    return None
+  try:
+    return builder.info.splits[sub_split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ConfigError(
+        f'Dataset {name!r} has no split {split!r}: it has {sorted(builder.info.splits)} '
+        f'(slices such as "train[:90%]" work too).') from e
+
+
 def load_split(
     data_config: ml_collections.ConfigDict,
     split: str,
@@ -195,29 +222,12 @@ def load_split(
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
-  _hide_gpus_from_tf()
   name = data_config.name
-  builder = _builder(data_config)
-  # The config is checked against the feature spec before any data is read.
-  crop_resize = _check_image_feature(builder, data_config)
-  if not builder.is_prepared():
-    if not _embedded(name):
-      raise DatasetNotFoundError(
-          f'Dataset {name!r} is not prepared in {builder.data_dir_root} (no '
-          f'{builder.data_dir}). ' + _prepare_instructions(name, str(builder.data_dir_root)))
-    builder = _prepare_embedded(builder, data_config)
-
+  builder, crop_resize = prepared_builder(data_config)
   sub_split = split
   if process_count > 1:
     sub_split = tfds.even_splits(split, n=process_count)[process_index]
-  num_examples = None
-  if builder.info.splits:  # Empty only for mocked metadata (tfds.testing.mock_data).
-    try:
-      num_examples = builder.info.splits[sub_split].num_examples
-    except (KeyError, ValueError) as e:
-      raise ConfigError(
-          f'Dataset {name!r} has no split {split!r}: it has {sorted(builder.info.splits)} '
-          f'(slices such as "train[:90%]" work too).') from e
+  num_examples = _num_examples(builder, name, split, sub_split)
 
   size, channels = data_config.image_size, data_config.num_channels
   has_labels = 'label' in builder.info.features
@@ -261,6 +271,21 @@ def _addressable_rows(sharding: jax.sharding.NamedSharding,
 def _uint8_to_float(images: jax.Array) -> jax.Array:
   # XLA turns the division into a multiply by 1/127.5, which lands 255 one ulp above 1: clip.
   return jnp.clip(images.astype(jnp.float32) / 127.5 - 1.0, -1.0, 1.0)
+
+
+def _check_global_batch(global_batch_size: int, sharding: jax.sharding.NamedSharding,
+                        process_count: int) -> None:
+  batch_axes = _batch_axes(sharding)
+  num_shards = math.prod(sharding.mesh.shape[axis] for axis in batch_axes)
+  multiple = math.lcm(process_count, num_shards)
+  if global_batch_size <= 0 or global_batch_size % multiple:
+    mesh_shape = dict(sharding.mesh.shape)
+    lower = max(multiple, global_batch_size // multiple * multiple)
+    raise ConfigError(
+        f'The global batch size {global_batch_size} must divide by the {process_count} '
+        f'processes and by the {num_shards} batch shards of the mesh {mesh_shape} (axes '
+        f'{batch_axes}): use a multiple of {multiple}, e.g. --config.training.batch_size='
+        f'{lower} or {lower + multiple}.')
 
 
 class InputPipeline:
@@ -313,17 +338,7 @@ class InputPipeline:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ConfigError(f'The data seed must be a non-negative integer, got {seed!r}.')
 
-    batch_axes = _batch_axes(sharding)
-    num_shards = math.prod(sharding.mesh.shape[axis] for axis in batch_axes)
-    multiple = math.lcm(self.process_count, num_shards)
-    if global_batch_size <= 0 or global_batch_size % multiple:
-      mesh_shape = dict(sharding.mesh.shape)
-      lower = max(multiple, global_batch_size // multiple * multiple)
-      raise ConfigError(
-          f'The global batch size {global_batch_size} must divide by the {self.process_count} '
-          f'processes and by the {num_shards} batch shards of the mesh {mesh_shape} (axes '
-          f'{batch_axes}): use a multiple of {multiple}, e.g. --config.training.batch_size='
-          f'{lower} or {lower + multiple}.')
+    _check_global_batch(global_batch_size, sharding, self.process_count)
 
     self._data_config = data_config
     self.global_batch_size = global_batch_size
@@ -336,13 +351,23 @@ class InputPipeline:
     # Converting on device after the transfer moves 4x fewer bytes than float32 from the host.
     self._to_float = jax.jit(_uint8_to_float, out_shardings=sharding)
 
-    if self._simulated:
-      per_process = global_batch_size // self.process_count
-      self._rows = np.arange(self.process_index * per_process,
-                             (self.process_index + 1) * per_process)
-    else:
-      self._rows = _addressable_rows(sharding, self._image_shape)
+    self._rows = self._local_rows(sharding)
+    self._images, labels = self._read(data_config, split, arrays)
+    self._labels = np.asarray(labels, np.int32)
+    self.num_examples = len(self._images)
+    self._permutations: dict[int, np.ndarray] = {}
+    # Enough cached epochs for a batch spanning several of them, plus the next one.
+    self._max_cached = -(-global_batch_size // self.num_examples) + 2
 
+  def _local_rows(self, sharding: jax.sharding.NamedSharding) -> np.ndarray:
+    """Rows of the global batch this (possibly simulated) process provides."""
+    if self._simulated:
+      per_process = self.global_batch_size // self.process_count
+      return np.arange(self.process_index * per_process, (self.process_index + 1) * per_process)
+    return _addressable_rows(sharding, self._image_shape)
+
+  def _read(self, data_config, split: str, arrays) -> tuple[np.ndarray, np.ndarray]:
+    """The whole split (or the given arrays), checked; sets has_labels."""
     if arrays is None:
       # Each process needs the whole split: the global permutation may pick any example.
       self.has_labels = 'label' in _builder(data_config).info.features
@@ -356,12 +381,7 @@ class InputPipeline:
             f'{self._image_shape[1:]} as data.image_size / data.num_channels say.')
     if len(images) == 0:
       raise ConfigError(f'Split {split!r} of {data_config.name!r} is empty.')
-    self._images = images
-    self._labels = np.asarray(labels, np.int32)
-    self.num_examples = len(images)
-    self._permutations: dict[int, np.ndarray] = {}
-    # Enough cached epochs for a batch spanning several of them, plus the next one.
-    self._max_cached = -(-global_batch_size // self.num_examples) + 2
+    return images, labels
 
   def _permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._permutations:

@@ -1,7 +1,7 @@
 """Zero-shot image editing with a consistency model (CM paper Alg. 4 and Appendix D).
 
 Every editor is a pure, jittable function of (a consistency function f(x, sigma[B]), an RNG key,
-images in [-1, 1] NHWC, static time points); `cm_jax.editing_cli` wraps them in `jax.jit` with
+images in [-1, 1] NHWC, static time points); `cm_jax.modes.edit` runs them in `jax.jit` with
 shardings. Usage:
 
   f = model.consistency_fn(params)
@@ -27,8 +27,6 @@ from cm_jax import sampling
 from cm_jax.errors import ConfigError
 
 ConsistencyFn = sampling.ConsistencyFn
-TASKS = ('inpainting', 'colorization', 'superres', 'stroke', 'denoising', 'interpolation')
-MASKS = ('lower_half', 'upper_half', 'left_half', 'right_half', 'center', 'border')
 # ITU-R 601 luma weights (the reference code's colorization).
 LUMINANCE_WEIGHTS = (0.2989, 0.5870, 0.1140)
 # Alternating projections (image range, known components) after an edit with clip_denoised.
@@ -128,26 +126,34 @@ def superres_components(factor: int) -> KnownComponents:
   return KnownComponents(to_basis, from_basis, known)
 
 
+def _border(s: int) -> np.ndarray:
+  mask = np.ones((s, s), np.float32)
+  mask[s // 4:s - s // 4, s // 4:s - s // 4] = 0
+  return mask
+
+
+def _fill(s: int, rows: slice, cols: slice) -> np.ndarray:
+  mask = np.zeros((s, s), np.float32)
+  mask[rows, cols] = 1
+  return mask
+
+
+# Named inpainting masks of an s x s image, 1 on the pixels to generate.
+MASKS = {
+    'lower_half': lambda s: _fill(s, slice(s // 2, None), slice(None)),
+    'upper_half': lambda s: _fill(s, slice(None, s // 2), slice(None)),
+    'left_half': lambda s: _fill(s, slice(None), slice(None, s // 2)),
+    'right_half': lambda s: _fill(s, slice(None), slice(s // 2, None)),
+    'center': lambda s: _fill(s, slice(s // 4, s - s // 4), slice(s // 4, s - s // 4)),
+    'border': _border,
+}
+
+
 def named_mask(name: str, image_size: int) -> np.ndarray:
   """A [H, W] float mask, 1 on the pixels to generate, of a named shape."""
-  s, half, quarter = image_size, image_size // 2, image_size // 4
-  mask = np.zeros((s, s), np.float32)
-  if name == 'lower_half':
-    mask[half:] = 1
-  elif name == 'upper_half':
-    mask[:half] = 1
-  elif name == 'left_half':
-    mask[:, :half] = 1
-  elif name == 'right_half':
-    mask[:, half:] = 1
-  elif name == 'center':
-    mask[quarter:s - quarter, quarter:s - quarter] = 1
-  elif name == 'border':
-    mask[:] = 1
-    mask[quarter:s - quarter, quarter:s - quarter] = 0
-  else:
+  if name not in MASKS:
     raise ConfigError(f'edit.mask={name!r} is neither a named mask ({", ".join(MASKS)}) nor a PNG file.')
-  return mask
+  return MASKS[name](image_size)
 
 
 def check_superres(image_shape, factor: int) -> None:

@@ -1,7 +1,11 @@
-"""Errors a user can cause, raised before anything is compiled.
+"""Errors a user can cause, raised before anything is compiled, and the lookup of a named choice.
 
 Each message says what went wrong and what to do about it.
 """
+
+from typing import Mapping, TypeVar
+
+_T = TypeVar('_T')
 
 
 class ConfigError(ValueError):
@@ -31,3 +35,14 @@ class NonFiniteLossError(FloatingPointError):
 # What launch.py reports as a one-line error instead of a traceback.
 USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError,
                PretrainedWeightsNotFoundError)
+
+
+def choose(table: Mapping[str, _T], value: str, field: str) -> _T:
+  """table[value], or a ConfigError naming the field and every valid value.
+
+  Each named choice of the config (a method, a distance, a schedule, a solver, ...) is a dict at the
+  place that uses it; this is the one way they are looked up, so the valid values are listed once.
+  """
+  if value not in table:
+    raise ConfigError(f'{field}={value!r} is not one of {", ".join(map(repr, table))}.')
+  return table[value]

@@ -5,12 +5,17 @@ Everything here is a small pure function of arrays. Denoisers are passed in as c
 or with a closed-form denoiser in tests.
 """
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from cm_jax.errors import choose
+
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+# One ODE step: (denoiser, x, sigma [B], sigma_next [B]) -> x at sigma_next.
+OdeStep = Callable[[Denoiser, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def sigma_at(index, num_scales, sigma_min: float, sigma_max: float, rho: float):
@@ -29,7 +34,8 @@ def karras_sigmas(num_scales: int, sigma_min: float, sigma_max: float, rho: floa
   return sigma_at(jnp.arange(num_scales), num_scales, sigma_min, sigma_max, rho)
 
 
-def _bcast(coef: jax.Array, x: jax.Array) -> jax.Array:
+def bcast(coef: jax.Array, x: jax.Array) -> jax.Array:
+  """A per-example coefficient [B] shaped to multiply x [B, ...]."""
   return coef.reshape(coef.shape + (1,) * (x.ndim - coef.ndim))
 
 
@@ -64,8 +70,8 @@ def precondition(network_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax
                  sigma: jax.Array, scalings, noise_cond_scale: float) -> jax.Array:
   """c_skip x + c_out F(c_in x, c_noise) for per-example sigma [B]."""
   c_skip, c_out, c_in = scalings
-  net_out = network_fn(_bcast(c_in, x) * x, noise_conditioning(sigma, noise_cond_scale))
-  return _bcast(c_skip, x) * x + _bcast(c_out, x) * net_out.astype(x.dtype)
+  net_out = network_fn(bcast(c_in, x) * x, noise_conditioning(sigma, noise_cond_scale))
+  return bcast(c_skip, x) * x + bcast(c_out, x) * net_out.astype(x.dtype)
 
 
 def edm_loss_sigmas(rng: jax.Array, batch_size: int, p_mean: float, p_std: float) -> jax.Array:
@@ -80,20 +86,35 @@ def edm_loss_weight(sigma: jax.Array, sigma_data: float) -> jax.Array:
 
 def euler_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
   """One Euler step of the PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma (EDM eq. 3)."""
-  d = (x - denoise(x, sigma)) / _bcast(sigma, x)
-  return x + _bcast(sigma_next - sigma, x) * d
+  d = (x - denoise(x, sigma)) / bcast(sigma, x)
+  return x + bcast(sigma_next - sigma, x) * d
 
 
 def heun_step(denoise: Denoiser, x: jax.Array, sigma: jax.Array, sigma_next: jax.Array) -> jax.Array:
   """One Heun (2nd order) step of the PF-ODE (EDM Alg. 1, lines 5-8); needs sigma_next > 0."""
-  d = (x - denoise(x, sigma)) / _bcast(sigma, x)
-  x_euler = x + _bcast(sigma_next - sigma, x) * d
-  d_next = (x_euler - denoise(x_euler, sigma_next)) / _bcast(sigma_next, x)
-  return x + _bcast(sigma_next - sigma, x) * 0.5 * (d + d_next)
+  d = (x - denoise(x, sigma)) / bcast(sigma, x)
+  x_euler = x + bcast(sigma_next - sigma, x) * d
+  d_next = (x_euler - denoise(x_euler, sigma_next)) / bcast(sigma_next, x)
+  return x + bcast(sigma_next - sigma, x) * 0.5 * (d + d_next)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solver:
+  step: OdeStep
+  nfe_per_step: int  # Network evaluations of one step.
+
+
+# The PF-ODE solvers by name.
+SOLVERS = {'heun': Solver(heun_step, 2), 'euler': Solver(euler_step, 1)}
+
+
+def solver(name: str, field: str = 'solver') -> Solver:
+  """The solver of a name ('heun' or 'euler'); ConfigError naming `field` otherwise."""
+  return choose(SOLVERS, name, field)
 
 
 def ode_sample(denoise: Denoiser, noise: jax.Array, sigmas: Sequence[float] | jax.Array,
-               solver: str = 'heun') -> jax.Array:
+               solver_name: str = 'heun') -> jax.Array:
   """Deterministic EDM sampler (EDM Alg. 1 without churn) from x = sigmas[0] * noise down to 0.
 
   `sigmas` is decreasing and ends at sigma_min; the last step goes from sigma_min to 0 with Euler (as
@@ -101,7 +122,7 @@ def ode_sample(denoise: Denoiser, noise: jax.Array, sigmas: Sequence[float] | ja
   """
   sigmas = jnp.concatenate([jnp.asarray(sigmas, jnp.float32), jnp.zeros((1,), jnp.float32)])
   batch = noise.shape[0]
-  step_fn = {'heun': heun_step, 'euler': euler_step}[solver]
+  step_fn = SOLVERS[solver_name].step
 
   def body(i, x):
     sigma = jnp.full((batch,), sigmas[i])
@@ -115,6 +136,6 @@ def ode_sample(denoise: Denoiser, noise: jax.Array, sigmas: Sequence[float] | ja
   return euler_step(denoise, x, sigma_last, jnp.zeros((batch,)))
 
 
-def ode_nfe(num_steps: int, solver: str) -> int:
-  """Network evaluations of `ode_sample` over a grid of `num_steps` levels."""
-  return 2 * num_steps - 1 if solver == 'heun' else num_steps
+def ode_nfe(num_steps: int, solver_name: str) -> int:
+  """Network evaluations of `ode_sample` over a grid of `num_steps` levels (the last step is Euler)."""
+  return (num_steps - 1) * SOLVERS[solver_name].nfe_per_step + 1

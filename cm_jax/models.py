@@ -15,8 +15,11 @@ from cm_jax import karras
 
 @dataclasses.dataclass(frozen=True)
 class Preconditioned:
+  """A network with the preconditioning of `noise` (config.noise: sigma_data, sigma_min,
+  noise_cond_scale); `num_classes` > 0 for a class-conditional network."""
   network: nn.Module
-  model_config: Any
+  noise: Any
+  num_classes: int = 0
 
   def _network_fn(self, params, labels, train: bool, rng):
     rngs = {'dropout': rng} if (train and rng is not None) else {}
@@ -28,14 +31,14 @@ class Preconditioned:
   def denoise(self, params, x: jax.Array, sigma: jax.Array, labels=None, train: bool = False,
               rng=None) -> jax.Array:
     """EDM denoiser D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (EDM eq. 7)."""
-    m = self.model_config
+    m = self.noise
     return karras.precondition(self._network_fn(params, labels, train, rng), x, sigma,
                                karras.edm_scalings(sigma, m.sigma_data), m.noise_cond_scale)
 
   def consistency(self, params, x: jax.Array, sigma: jax.Array, labels=None, train: bool = False,
                   rng=None) -> jax.Array:
     """Consistency function f(x, t) with f(x, eps) = x built in (CM paper eq. 5, Appendix C)."""
-    m = self.model_config
+    m = self.noise
     return karras.precondition(self._network_fn(params, labels, train, rng), x, sigma,
                                karras.consistency_scalings(sigma, m.sigma_data, m.sigma_min),
                                m.noise_cond_scale)
@@ -53,7 +56,7 @@ class Preconditioned:
     x = jax.numpy.zeros((batch_size,) + tuple(image_shape), jax.numpy.float32)
     noise_cond = jax.numpy.zeros((batch_size,), jax.numpy.float32)
     labels = (jax.numpy.zeros((batch_size,), jax.numpy.int32)
-              if self.model_config.num_classes > 0 else None)
+              if self.num_classes > 0 else None)
     param_rng, dropout_rng = jax.random.split(rng)
     variables = self.network.init({'params': param_rng, 'dropout': dropout_rng}, x, noise_cond,
                                   labels, train=False)

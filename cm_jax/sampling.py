@@ -1,8 +1,8 @@
 """Samplers: consistency-model one-step and multistep sampling (CM paper Alg. 1), EDM's ODE sampler, the
 PF-ODE as a consistency function and as an encoder, and the greedy ternary search of time points.
 
-Each sampler is a pure function of (a consistency function or a denoiser, an RNG key or inputs); the CLI
-(`cm_jax.sampling_cli`) and the training loop wrap them in `jax.jit` with shardings. Usage:
+Each sampler is a pure function of (a consistency function or a denoiser, an RNG key or inputs); the
+methods offer them by name and `cm_jax.inference` wraps them in `jax.jit` with shardings. Usage:
 
   f = model.consistency_fn(params, labels)           # f(x, sigma[B]) -> x at sigma_min
   x = multistep_sample(f, key, (64, 8, 8, 1), [80.0, 0.66], sigma_min=0.002)  # 2 NFE
@@ -91,22 +91,22 @@ def onestep_sample(consistency_fn: ConsistencyFn, rng: jax.Array, shape, sigma_m
   return multistep_sample(consistency_fn, rng, shape, [sigma_max], sigma_min)
 
 
-def sigmas_from_indices(ts: Sequence[int], num_scales: int, model_config) -> list[float]:
+def sigmas_from_indices(ts: Sequence[int], num_scales: int, noise_config) -> list[float]:
   """Time points given as indices on the N-grid (0 = sigma_max, N-1 = sigma_min) as sigmas."""
   for t in ts:
     if not 0 <= int(t) < num_scales:
       raise ConfigError(f'sampling.ts={tuple(ts)} has index {t} outside the N-grid [0, {num_scales - 1}] '
                         f'(N = {num_scales}); pass indices on that grid or sigmas via sampling.sigmas.')
-  grid = np.asarray(karras.karras_sigmas(num_scales, model_config.sigma_min, model_config.sigma_max,
-                                         model_config.rho))
+  grid = np.asarray(karras.karras_sigmas(num_scales, noise_config.sigma_min, noise_config.sigma_max,
+                                         noise_config.rho))
   return [float(grid[int(t)]) for t in ts]
 
 
-def edm_sample(denoiser: karras.Denoiser, rng: jax.Array, shape, num_steps: int, model_config,
+def edm_sample(denoiser: karras.Denoiser, rng: jax.Array, shape, num_steps: int, noise_config,
                solver: str = 'heun') -> jax.Array:
   """EDM's deterministic sampler over a Karras grid of `num_steps` levels (18 Heun steps = 35 NFE)."""
-  sigmas = karras.karras_sigmas(num_steps, model_config.sigma_min, model_config.sigma_max,
-                                model_config.rho)
+  sigmas = karras.karras_sigmas(num_steps, noise_config.sigma_min, noise_config.sigma_max,
+                                noise_config.rho)
   return karras.ode_sample(denoiser, jax.random.normal(rng, shape), sigmas, solver)
 
 
@@ -122,12 +122,11 @@ def ode_consistency_fn(denoiser: karras.Denoiser, num_steps: int, sigma_min: flo
   """
   if num_steps < 2:
     raise ConfigError(f'sampling.num_steps={num_steps}: the ODE consistency function needs >= 2 levels.')
-  step_fn = {'heun': karras.heun_step, 'euler': karras.euler_step}[solver]
+  step_fn = karras.solver(solver).step
 
   def consistency_fn(x, sigma):
-    lo, hi = sigma_min ** (1.0 / rho), sigma ** (1.0 / rho)  # EDM eq. 5 with sigma_max = sigma (per example).
-    frac = jnp.arange(num_steps, dtype=x.dtype) / (num_steps - 1)
-    grid = (hi[None, :] + frac[:, None] * (lo - hi[None, :])) ** rho  # [num_steps, B]
+    # A Karras grid from each example's sigma (as sigma_max) down to sigma_min: [num_steps, B].
+    grid = karras.sigma_at(jnp.arange(num_steps)[:, None], num_steps, sigma_min, sigma[None, :], rho)
 
     def body(i, x):
       # A zero-length step (sigma already at sigma_min) leaves x as it is.
@@ -136,16 +135,21 @@ def ode_consistency_fn(denoiser: karras.Denoiser, num_steps: int, sigma_min: flo
   return consistency_fn
 
 
-def ode_encode(denoiser: karras.Denoiser, images: jax.Array, num_steps: int, model_config,
+def ode_consistency_nfe(num_steps: int, solver: str = 'heun') -> int:
+  """Network evaluations of one `ode_consistency_fn` call: num_steps - 1 steps, none to sigma = 0."""
+  return (num_steps - 1) * karras.solver(solver).nfe_per_step
+
+
+def ode_encode(denoiser: karras.Denoiser, images: jax.Array, num_steps: int, noise_config,
                solver: str = 'heun') -> jax.Array:
   """The initial noise z of clean `images`: the PF-ODE run from sigma_min up to T, divided by T.
 
   The inverse of one-step generation x = f(T z, T) up to the solver's error (a consistency model maps
   T z back to the ODE's end point), so images can be interpolated in noise space (CM paper, Sec. 6).
   """
-  m = model_config
+  m = noise_config
   sigmas = karras.karras_sigmas(num_steps, m.sigma_min, m.sigma_max, m.rho)[::-1]  # Increasing.
-  step_fn = {'heun': karras.heun_step, 'euler': karras.euler_step}[solver]
+  step_fn = karras.solver(solver).step
   batch = images.shape[0]
 
   def body(i, x):

@@ -9,7 +9,7 @@ import math
 import os
 
 import jax
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -70,6 +70,38 @@ def put_batch(array: np.ndarray, mesh: Mesh) -> jax.Array:
   """A host array present on every process as a global array split along axis 0 over the mesh."""
   array = np.asarray(array)
   return jax.make_array_from_callback(array.shape, batch_sharding(mesh), lambda index: array[index])
+
+
+def local_batch_sharding() -> NamedSharding:
+  """Axis 0 split over this process's devices only: work each process does on its own share
+  (Inception features of its part of the samples), gathered afterwards with `gather_rows`."""
+  return NamedSharding(Mesh(np.asarray(jax.local_devices()), ('batch',)), P('batch'))
+
+
+def process_share(num: int) -> slice:
+  """This process's contiguous share of `num` rows (the last shares may be shorter or empty)."""
+  per_process = -(-num // jax.process_count())
+  start = jax.process_index() * per_process
+  return slice(min(start, num), min(start + per_process, num))
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """A global array, whole, as numpy on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+  """Every process's rows concatenated in process order (the processes' row counts may differ)."""
+  if jax.process_count() == 1:
+    return local
+  counts = np.asarray(multihost_utils.process_allgather(np.array([local.shape[0]]))).reshape(-1)
+  # process_allgather wants equal shapes: pad to the largest share, then drop the padding.
+  padded = np.zeros((int(counts.max()),) + local.shape[1:], local.dtype)
+  padded[:local.shape[0]] = local
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return np.concatenate([gathered[p, :counts[p]] for p in range(len(counts))])
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

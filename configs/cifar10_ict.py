@@ -32,7 +32,7 @@ def get_config():
   cifar10_edm.cifar10_data(config)
   cifar10_edm.cifar10_ncsnpp(config.model)
   # iCT keeps the reference code's c_noise = 1000 ln(sigma) / 4 and lowers the Fourier scale to 0.02.
-  config.model.noise_cond_scale = 1000.0
+  config.noise.noise_cond_scale = 1000.0
   config.model.fourier_scale = 0.02
   config.model.dropout = 0.3
   ict_consistency(config.consistency)

@@ -30,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_flip = False
   data.num_classes = 10  # Labels the dataset has (for metrics); the network uses model.num_classes.
 
+  # The network: its architecture (every field but dropout, init_scale and dtype fixes what trained
+  # weights compute; a CD teacher must match those) and how it is trained and computed.
   config.model = model = ml_collections.ConfigDict()
   model.name = 'ncsnpp'
   model.nf = 32
@@ -61,14 +63,17 @@ def get_config() -> ml_collections.ConfigDict:
   model.use_new_attention_order = False
   model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
-  # Noise levels and preconditioning (DESIGN.md: EDM/Karras).
-  model.sigma_min = 0.002
-  model.sigma_max = 80.0
-  model.sigma_data = 0.5
-  model.rho = 7.0
+
+  # Noise levels and the preconditioning around the network (DESIGN.md: EDM/Karras). The network
+  # itself (config.model) knows nothing of them.
+  config.noise = noise = ml_collections.ConfigDict()
+  noise.sigma_min = 0.002
+  noise.sigma_max = 80.0
+  noise.sigma_data = 0.5
+  noise.rho = 7.0
   # The network is conditioned on c_noise = noise_cond_scale * ln(sigma) / 4. EDM uses 1; the
   # consistency-model reference code uses 1000 (with the Fourier scale chosen to match).
-  model.noise_cond_scale = 1.0
+  noise.noise_cond_scale = 1.0
 
   # EDM teacher training (EDM paper): ln(sigma) ~ N(p_mean, p_std^2).
   config.edm = edm = ml_collections.ConfigDict()
@@ -165,7 +170,7 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.search_metric = 'digits_fd'
   sampling.search_num_samples = 1000
 
-  # Zero-shot editing, --mode=edit (CM paper Alg. 4 and Appendix D; cm_jax/editing_cli.py).
+  # Zero-shot editing, --mode=edit (CM paper Alg. 4 and Appendix D; cm_jax/modes/edit.py, cm_jax/edit_tasks.py).
   config.edit = edit = ml_collections.ConfigDict()
   # 'inpainting' | 'colorization' | 'superres' | 'stroke' | 'denoising' | 'interpolation'.
   edit.task = 'inpainting'

@@ -14,7 +14,8 @@ from configs import default, digits_edm
 def get_config(distance: str = 'l2'):
   config = default.get_config()
   teacher = digits_edm.get_config()
-  config.model = teacher.model  # The student starts from the teacher's weights: same network.
+  # The student starts from the teacher's weights: the same network and preconditioning.
+  config.model, config.noise = teacher.model, teacher.noise
   config.model.dropout = 0.0  # As the paper's CD runs.
   config.method = 'cd'
   config.teacher.config = 'configs/digits_edm.py'

@@ -15,7 +15,7 @@ def get_config():
   config = default.get_config()
   config.method = 'ct'
   config.model = digits_edm.get_config().model
-  config.model.noise_cond_scale = 1000.0
+  config.noise.noise_cond_scale = 1000.0
   config.model.fourier_scale = 0.02
   config.model.dropout = 0.1
   cifar10_ict.ict_consistency(config.consistency)

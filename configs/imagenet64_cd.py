@@ -18,7 +18,7 @@ def get_config(distance: str = 'lpips'):
   config = default.get_config()
   config.method = 'cd'
   imagenet64_edm.imagenet64_data(config)
-  imagenet64_edm.imagenet64_adm(config.model)
+  imagenet64_edm.imagenet64_adm(config)
   config.model.dropout = 0.0
   config.teacher.config = 'configs/imagenet64_edm.py'
   config.teacher.ema_index = 2

@@ -32,8 +32,9 @@ def imagenet64_data(config):
   config.data.eval_split = 'validation'
 
 
-def imagenet64_adm(model):
+def imagenet64_adm(config):
   """The consistency-models ImageNet-64 ADM (295,899,267 parameters, as EDM's 295.9M)."""
+  model = config.model
   model.name = 'adm'
   model.nf = 192
   model.ch_mult = (1, 2, 3, 4)
@@ -49,14 +50,14 @@ def imagenet64_adm(model):
   model.num_classes = 1000
   model.dtype = 'bfloat16'  # The reference trains in fp16 (its embedding and output head in fp32).
   # The reference feeds ADM c_noise = 1000 ln(sigma) / 4, a diffusion-timestep-sized input.
-  model.noise_cond_scale = 1000.0
+  config.noise.noise_cond_scale = 1000.0
 
 
 def get_config():
   config = default.get_config()
   config.method = 'edm'
   imagenet64_data(config)
-  imagenet64_adm(config.model)
+  imagenet64_adm(config)
   config.model.dropout = 0.1
   default.paper_schedule(config, batch_size=4096, num_steps=610_000, optimizer='adam', lr=1e-4,
                          ema_decays=EMA_DECAYS, final_samplers=('heun',))

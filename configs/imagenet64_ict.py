@@ -22,7 +22,7 @@ def get_config():
   config = default.get_config()
   config.method = 'ct'
   imagenet64_edm.imagenet64_data(config)
-  imagenet64_edm.imagenet64_adm(config.model)
+  imagenet64_edm.imagenet64_adm(config)
   config.model.dropout = 0.0
   cifar10_ict.ict_consistency(config.consistency)
   default.paper_schedule(config, batch_size=2048, num_steps=800_000, optimizer='radam', lr=1e-4,

@@ -42,8 +42,8 @@ def summary(out: dict) -> dict:
   """What the tests compare: losses per step and facts about the final state's layout."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cm_jax import train  # pylint: disable=g-import-not-at-top
-  state = out['state']
+  from cm_jax import sharding  # pylint: disable=g-import-not-at-top
+  state = out.state
 
   def sharded(leaf) -> bool:
     return any(axis is not None for axis in leaf.sharding.spec)
@@ -58,14 +58,14 @@ def summary(out: dict) -> dict:
             'dtypes': sorted({str(x.dtype) for x in leaves})}
 
   return {
-      'losses': [[int(s), float(loss)] for s, loss in out['losses']],
-      'step': int(out['step']),
-      'preempted': bool(out['preempted']),
+      'losses': [[int(s), float(loss)] for s, loss in out.losses],
+      'step': int(out.step),
+      'preempted': bool(out.preempted),
       'devices': jax.device_count(),
       'processes': jax.process_count(),
-      'mesh': {k: int(v) for k, v in out['experiment'].mesh.shape.items()},
+      'mesh': {k: int(v) for k, v in out.exp.mesh.shape.items()},
       # One number that any divergence of the trained weights would move.
-      'param_abs_sum': float(sum(np.abs(np.asarray(train.gather(x), np.float64)).sum()
+      'param_abs_sum': float(sum(np.abs(np.asarray(sharding.gather(x), np.float64)).sum()
                                  for x in jax.tree.leaves(state.params))),
       'params': layout(state.params),
       'opt_state': layout(state.opt_state),
@@ -110,7 +110,8 @@ def main(argv=None) -> None:
   if cache:
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  from cm_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from cm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
   if args.num_processes > 1:
     # Cross-process collectives of the CPU backend (the default in jax 0.10; stated, not assumed).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
   for workdir, fsdp in zip(args.workdir, fsdps):
     config = make_config(args.data_dir, args.steps, args.checkpoint_every, fsdp, args.dtype,
                          args.keep_checkpoints)
-    results.append(summary(train.train_and_evaluate(config, workdir)))
+    results.append(summary(tiny.train(config, workdir)))
   if args.out and jax.process_index() == 0:
     with open(args.out + '.tmp', 'w') as f:
       json.dump(results, f)

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, run, train
+from cm_jax import checkpointing
+from cm_jax.modes import train as train_mode
 from cm_jax.errors import TeacherError, WorkdirError
 from tests import tiny
 
@@ -15,7 +16,7 @@ from tests import tiny
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory, digits_data_dir):
   workdir = str(tmp_path_factory.mktemp('teacher'))
-  train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=2), workdir)
+  tiny.train(tiny.edm_config(digits_data_dir, steps=2), workdir)
   return workdir
 
 
@@ -35,7 +36,7 @@ def _teacher_ema(teacher_dir, exp):
 def test_missing_teacher_says_which_run_to_train(tmp_path, digits_data_dir):
   config = tiny.cd_config(digits_data_dir, str(tmp_path / 'no_teacher'))
   with pytest.raises(TeacherError, match='launch.py --config=configs/digits_edm.py'):
-    train.train_and_evaluate(config, str(tmp_path / 'cd'))
+    tiny.train(config, str(tmp_path / 'cd'))
   assert not os.path.exists(tmp_path / 'cd' / 'checkpoints')
 
 
@@ -43,26 +44,26 @@ def test_teacher_of_another_architecture_is_refused(tmp_path, digits_data_dir, t
   config = tiny.cd_config(digits_data_dir, teacher_dir)
   config.model.nf = 16
   with pytest.raises(TeacherError, match='model.nf: teacher 8, student 16'):
-    train.train_and_evaluate(config, str(tmp_path / 'cd'))
+    tiny.train(config, str(tmp_path / 'cd'))
   assert not os.path.exists(tmp_path / 'cd' / 'checkpoints')
 
 
 def test_cd_starts_from_teacher_never_changes_it_and_tracks_target(tmp_path, digits_data_dir,
                                                                    teacher_dir):
-  start = train.train_and_evaluate(tiny.cd_config(digits_data_dir, teacher_dir, steps=0),
+  start = tiny.train(tiny.cd_config(digits_data_dir, teacher_dir, steps=0),
                                    str(tmp_path / 'cd0'))
-  teacher = _teacher_ema(teacher_dir, start['experiment'])
-  assert _leaves_equal(start['state'].params, teacher)  # The student starts as the teacher.
-  out = run.train_and_finish(tiny.cd_config(digits_data_dir, teacher_dir, steps=3),
+  teacher = _teacher_ema(teacher_dir, start.exp)
+  assert _leaves_equal(start.state.params, teacher)  # The student starts as the teacher.
+  out = train_mode.run(tiny.cd_config(digits_data_dir, teacher_dir, steps=3),
                              str(tmp_path / 'cd'))
-  assert _leaves_equal(out['frozen']['teacher_params'], teacher)  # Frozen through training.
-  assert _leaves_equal(_teacher_ema(teacher_dir, out['experiment']), teacher)  # And on disk.
-  assert not _leaves_equal(out['state'].params, teacher)
+  assert _leaves_equal(out.frozen['teacher_params'], teacher)  # Frozen through training.
+  assert _leaves_equal(_teacher_ema(teacher_dir, out.exp), teacher)  # And on disk.
+  assert not _leaves_equal(out.state.params, teacher)
   # mu = 0: the target network equals the online one after every step.
-  assert _leaves_equal(out['state'].extra['target_params'], out['state'].params)
-  assert set(out['samples']) == {'onestep', 'multistep', 'teacher_heun'}
-  assert (out['samples']['onestep']['nfe'], out['samples']['multistep']['nfe']) == (1, 2)
-  assert out['samples']['teacher_heun']['nfe'] == 5
+  assert _leaves_equal(out.state.extra['target_params'], out.state.params)
+  assert set(out.samples) == {'onestep', 'multistep', 'teacher_heun'}
+  assert (out.samples['onestep']['nfe'], out.samples['multistep']['nfe']) == (1, 2)
+  assert out.samples['teacher_heun']['nfe'] == 5
 
 
 def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir):
@@ -77,14 +78,14 @@ def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir):
   config.training.final_samplers = ('onestep',)
   config.training.lr_decay = 'constant'  # So the student may be extended below (a cosine one may not).
   workdir = tmp_path / 'main'
-  run.train_and_finish(config, str(workdir))
+  train_mode.run(config, str(workdir))
   assert os.path.isdir(workdir / 'teacher' / 'checkpoints' / '2')
   assert os.path.exists(workdir / 'teacher' / 'samples' / 'heun_nfe5' / 'samples_16x8x8x1.npz')
   assert os.path.isdir(workdir / 'checkpoints' / '1')
   # A finished teacher is reused, not retrained: relaunching only extends the student.
   mtime = os.path.getmtime(workdir / 'teacher' / 'config.json')
   config.training.num_steps = 2
-  run.train_and_finish(config, str(workdir))
+  train_mode.run(config, str(workdir))
   assert os.path.getmtime(workdir / 'teacher' / 'config.json') == mtime
   assert os.path.isdir(workdir / 'checkpoints' / '2')
 
@@ -101,16 +102,16 @@ def _ct_config(data_dir, steps):
 
 def test_ict_preempted_run_continues_the_curriculum(tmp_path, digits_data_dir, monkeypatch):
   """N(k) depends on the total step count K, so a resumed run must keep K and its step."""
-  full = train.train_and_evaluate(_ct_config(digits_data_dir, 6), str(tmp_path / 'a'))
+  full = tiny.train(_ct_config(digits_data_dir, 6), str(tmp_path / 'a'))
   with monkeypatch.context() as patch:  # A preemption notice at step 3: save and stop there.
     patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 3)
-    first = train.train_and_evaluate(_ct_config(digits_data_dir, 6), str(tmp_path / 'b'))
-  assert first['preempted'] and first['step'] == 3
-  resumed = train.train_and_evaluate(_ct_config(digits_data_dir, 6), str(tmp_path / 'b'))
-  assert dict(first['losses'] + resumed['losses']) == dict(full['losses'])
-  assert _leaves_equal(full['state'].params, resumed['state'].params)
+    first = tiny.train(_ct_config(digits_data_dir, 6), str(tmp_path / 'b'))
+  assert first.preempted and first.step == 3
+  resumed = tiny.train(_ct_config(digits_data_dir, 6), str(tmp_path / 'b'))
+  assert dict(first.losses + resumed.losses) == dict(full.losses)
+  assert _leaves_equal(full.state.params, resumed.state.params)
   # CT starts from random weights, and with mu = 0 (iCT) the target is the online network.
-  assert _leaves_equal(full['state'].extra['target_params'], full['state'].params)
+  assert _leaves_equal(full.state.extra['target_params'], full.state.params)
   # Changing K mid-run would change the curriculum of the remaining steps: refused.
   with pytest.raises(WorkdirError, match='training.num_steps'):
-    train.train_and_evaluate(_ct_config(digits_data_dir, 8), str(tmp_path / 'b'))
+    tiny.train(_ct_config(digits_data_dir, 8), str(tmp_path / 'b'))

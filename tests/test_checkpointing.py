@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, train
+from cm_jax import checkpointing, experiment
 from cm_jax.errors import WorkdirError
-from tests import distributed_worker
+from tests import distributed_worker, tiny
 
 REPO = distributed_worker.REPO
 STEPS = 20
@@ -27,7 +27,7 @@ TMP_MARK = '.orbax-checkpoint-tmp'  # Orbax's name for a step it has not finishe
 
 
 def losses(out) -> dict[int, float]:
-  return {int(s): float(loss) for s, loss in out['losses']}
+  return {int(s): float(loss) for s, loss in out.losses}
 
 
 def finalized_steps(workdir: str) -> list[int]:
@@ -44,7 +44,7 @@ def unfinished_saves(workdir: str) -> list[str]:
 def baseline(tmp_path_factory, digits_data_dir):
   """20 uninterrupted steps with checkpoints at 10 and 20."""
   workdir = str(tmp_path_factory.mktemp('baseline') / 'run')
-  out = train.train_and_evaluate(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
+  out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
   assert finalized_steps(workdir)[-2:] == [10, 20]
   return {'losses': losses(out), 'workdir': workdir}
 
@@ -71,7 +71,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(damage, baseli
   shutil.copytree(baseline['workdir'], workdir)
   damage(os.path.join(workdir, 'checkpoints', '20'))
   with caplog.at_level(logging.WARNING):
-    out = train.train_and_evaluate(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
+    out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any('Checkpoint at step 20' in w and 'cannot be restored' in w for w in warnings), warnings
   # Resumed from step 10, with exactly the uninterrupted run's losses, and saved step 20 anew.
@@ -89,7 +89,7 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(baseline, tmp_pa
   config = distributed_worker.make_config(digits_data_dir, STEPS)
   config.model.nf, config.allow_other_config = 16, True  # Another model: no step fits it.
   with pytest.raises(WorkdirError, match='No checkpoint in .* can be restored'):
-    train.train_and_evaluate(config, workdir)
+    tiny.train(config, workdir)
   assert finalized_steps(workdir)[-2:] == [10, 20]  # Nothing moved or deleted.
   assert not os.path.exists(os.path.join(workdir, 'checkpoints.unreadable'))
 
@@ -97,7 +97,7 @@ def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(baseline, tmp_pa
 def test_checkpointer_restores_onto_the_shardings_asked_for(baseline):
   """Read-only restore of single items (as sampling and teachers do), placed as requested."""
   config = distributed_worker.make_config('', STEPS)
-  exp = train.build_experiment(config, baseline['workdir'])
+  exp = experiment.build(config, baseline['workdir'])
   ckpt = checkpointing.Checkpointer(os.path.join(baseline['workdir'], 'checkpoints'),
                                     read_only=True)
   abstract = checkpointing.with_shardings(exp.abstract_state, exp.state_shardings)
@@ -151,7 +151,7 @@ def test_run_killed_mid_save_resumes_from_the_previous_good_step(baseline, tmp_p
   # Relaunch (the same command, here in-process): resumes at the newest complete step and matches
   # the uninterrupted run step for step.
   config = distributed_worker.make_config(digits_data_dir, STEPS, checkpoint_every=1)
-  resumed = train.train_and_evaluate(config, workdir)
+  resumed = tiny.train(config, workdir)
   assert losses(resumed) == {s: baseline['losses'][s] for s in range(good, STEPS)}
   assert finalized_steps(workdir)[-1] == STEPS
   assert not unfinished_saves(workdir)  # The stale temporary directory was cleaned up.

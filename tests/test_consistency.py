@@ -24,8 +24,8 @@ def cons_config(**overrides):
   return config
 
 
-def model_config():
-  return default.get_config().model
+def noise_config():
+  return default.get_config().noise
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,8 +62,11 @@ def test_schedule_dispatch_and_errors():
   assert float(consistency.target_ema_at(cons_config(target_ema=0.95), 18)) == pytest.approx(0.95)
   with pytest.raises(ConfigError, match='scale_schedule'):
     consistency.num_scales_at(cons_config(scale_schedule='cosine'), 0, 10)
-  with pytest.raises(ConfigError, match='unknown'):
+  with pytest.raises(ConfigError, match="consistency.distance='lp3' is not one of 'l2', 'l1', 'pseudo_huber'"):
     consistency.make_distance(cons_config(distance='lp3'), (8, 8, 1))
+  with pytest.raises(ConfigError, match='weighting'):  # Every choice is checked when the loss is built.
+    consistency.ConsistencyLoss(cons_config(weighting='snr'), noise_config(), 10,
+                                consistency.make_distance(cons_config(), (8, 8, 1)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def test_lognormal_index_probabilities_match_formula():
 
 def test_lognormal_index_samples_chi_square():
   config = cons_config(noise_sampling='lognormal')
-  idx = np.asarray(consistency.sample_indices(jax.random.PRNGKey(0), 200_000, config, model_config(),
+  idx = np.asarray(consistency.sample_indices(jax.random.PRNGKey(0), 200_000, config, noise_config(),
                                               jnp.int32(11), 1281))
   expected = lognormal_probs_reference(11) * idx.size
   observed = np.bincount(idx, minlength=10)
@@ -98,7 +101,7 @@ def test_lognormal_index_samples_chi_square():
   assert p_value > 1e-3
   # The test can fail: uniform indices are rejected.
   uniform = np.asarray(consistency.sample_indices(jax.random.PRNGKey(0), 200_000, cons_config(),
-                                                  model_config(), jnp.int32(11), 11))
+                                                  noise_config(), jnp.int32(11), 11))
   assert stats.chisquare(np.bincount(uniform, minlength=10), expected)[1] < 1e-6
 
 
@@ -147,7 +150,7 @@ def exact_cm_fn(params, x, sigma, rng):
 
 
 def make_loss(**overrides):
-  return consistency.ConsistencyLoss(cons_config(**overrides), model_config(), 1000,
+  return consistency.ConsistencyLoss(cons_config(**overrides), noise_config(), 1000,
                                      consistency.make_distance(cons_config(**overrides), (4, 4, 1)))
 
 
@@ -247,7 +250,7 @@ def test_cd_with_exact_teacher_learns_the_pf_ode_endpoint():
   N = 18 grid, whose endpoint error is ~0.05 s0 on average (test_karras); we allow 0.15 s0 mean
   absolute error for that plus optimisation error. Predicting the mean alone scores ~0.8 s0.
   """
-  mconfig = model_config()
+  mconfig = noise_config()
   model = Preconditioned(PixelMLP(), mconfig)
   params = model.init(jax.random.PRNGKey(0), (2, 2, 1))
   loss_fn = consistency.ConsistencyLoss(cons_config(num_scales=18), mconfig, 1000,

@@ -25,9 +25,9 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import sharding, train
+from cm_jax import experiment, sharding, trainer
 from cm_jax.errors import ConfigError
-from tests import distributed_worker
+from tests import distributed_worker, tiny
 
 REPO = distributed_worker.REPO
 RTOL = 2e-5
@@ -65,7 +65,8 @@ def free_port() -> int:
 
 
 def losses(summary_or_out) -> dict[int, float]:
-  return {int(s): float(loss) for s, loss in summary_or_out['losses']}
+  pairs = (summary_or_out['losses'] if isinstance(summary_or_out, dict) else summary_or_out.losses)
+  return {int(s): float(loss) for s, loss in pairs}
 
 
 def assert_same_losses(got: dict, want: dict, steps) -> None:
@@ -89,9 +90,9 @@ def baseline(tmp_path_factory, digits_data_dir):
   """The reference: 20 steps on this process's single CPU device, checkpoints at 10 and 20."""
   assert jax.device_count() == 1
   workdir = str(tmp_path_factory.mktemp('one_device') / 'run')
-  out = train.train_and_evaluate(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
+  out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
   return {'losses': losses(out), 'workdir': workdir,
-          'params': [np.asarray(x) for x in jax.tree.leaves(out['state'].params)]}
+          'params': [np.asarray(x) for x in jax.tree.leaves(out.state.params)]}
 
 
 @pytest.fixture(scope='module')
@@ -119,12 +120,12 @@ def test_one_device_checkpoint_resumes_on_eight(eight, baseline):
 
 def test_eight_device_checkpoint_resumes_on_one(eight, baseline, tmp_path, digits_data_dir):
   workdir = copy_run_at(eight['workdir'], 10, str(tmp_path / 'run'))
-  out = train.train_and_evaluate(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
+  out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
   assert_same_losses(losses(out), baseline['losses'], range(10, STEPS))
   assert_same_losses(losses(out), losses(eight['fresh']), range(10, STEPS))
   # Weights agree to 1% of one Adam step (lr = 2e-3): where a gradient is ~0, Adam's m / sqrt(v)
   # turns ulp-level differences into ~1e-6 absolute ones, so a relative bound alone would not do.
-  for got, want in zip(jax.tree.leaves(out['state'].params), baseline['params']):
+  for got, want in zip(jax.tree.leaves(out.state.params), baseline['params']):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=2e-5)
 
 
@@ -171,15 +172,15 @@ def test_two_processes_of_four_devices_give_the_losses_of_one(baseline, tmp_path
 
 def test_bfloat16_compute_trains_with_float32_state(baseline, tmp_path, digits_data_dir):
   config = distributed_worker.make_config(digits_data_dir, STEPS, dtype='bfloat16')
-  exp = train.build_experiment(config, str(tmp_path / 'run'))
+  exp = experiment.build(config, str(tmp_path / 'run'))
   # The step really computes in bfloat16 (the convolutions), with float32 inputs and state.
   batch = {'image': jax.ShapeDtypeStruct((16, 8, 8, 1), np.float32),
            'label': jax.ShapeDtypeStruct((16,), np.int32)}
-  hlo = train.make_train_step(exp, {}).lower(exp.abstract_state, {}, batch,
+  hlo = trainer.make_train_step(exp, {}).lower(exp.abstract_state, {}, batch,
                                              jax.ShapeDtypeStruct((), np.int32)).as_text()
   assert 'bf16' in hlo and 'convolution' in hlo
-  out = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  state = out['state']
+  out = tiny.train(config, str(tmp_path / 'run'))
+  state = out.state
   for tree in (state.params, state.opt_state, state.ema_params):
     assert {str(x.dtype) for x in jax.tree.leaves(tree) if x.ndim} == {'float32'}
   got = losses(out)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cm_jax import editing, editing_cli, karras, sampling
+from cm_jax import edit_tasks, editing, karras, sampling
+from cm_jax.modes import edit as edit_mode
 from cm_jax.errors import ConfigError
 from tests import gaussian
 
@@ -22,7 +23,7 @@ def exact_f():
 
 def wild_f(x, sigma):
   """A nonlinear stand-in for a network that mixes pixels and channels: nothing is kept by chance."""
-  s = karras._bcast(sigma, x)
+  s = karras.bcast(sigma, x)
   return jnp.tanh(x / s + jnp.roll(x, 1, axis=1) - jnp.mean(x, axis=-1, keepdims=True)) * 1.5
 
 
@@ -239,58 +240,58 @@ def test_image_files_of_the_wrong_size_or_channels(tmp_path):
   grey8 = _save(tmp_path / 'a.png', np.full((8, 8), 200, np.uint8))
   rgb8 = _save(tmp_path / 'b.png', np.full((8, 8, 3), 100, np.uint8))
   grey16 = _save(tmp_path / 'c.png', np.full((16, 16), 50, np.uint8))
-  assert editing_cli.load_image_files(grey8, 8, 1).shape == (1, 8, 8, 1)
+  assert edit_tasks.load_image_files(grey8, 8, 1).shape == (1, 8, 8, 1)
   with pytest.raises(ConfigError, match='is 16x16; this run edits 8x8.*edit.resize=True'):
-    editing_cli.load_image_files(grey16, 8, 1)
-  assert editing_cli.load_image_files(grey16, 8, 1, resize=True).shape == (1, 8, 8, 1)
+    edit_tasks.load_image_files(grey16, 8, 1)
+  assert edit_tasks.load_image_files(grey16, 8, 1, resize=True).shape == (1, 8, 8, 1)
   with pytest.raises(ConfigError, match='3 channel.*1-channel.*edit.resize=True'):
-    editing_cli.load_image_files(rgb8, 8, 1)
-  converted = editing_cli.load_image_files(rgb8, 8, 1, resize=True)
+    edit_tasks.load_image_files(rgb8, 8, 1)
+  converted = edit_tasks.load_image_files(rgb8, 8, 1, resize=True)
   assert converted.shape == (1, 8, 8, 1) and converted[0, 0, 0, 0] == 100
   # Colorization takes grey files as R = G = B; super-resolution takes low-resolution files.
-  np.testing.assert_array_equal(editing_cli.load_image_files(grey8, 8, 3, accept_grey=True)[0, 0, 0],
+  np.testing.assert_array_equal(edit_tasks.load_image_files(grey8, 8, 3, accept_grey=True)[0, 0, 0],
                                 [200, 200, 200])
-  assert editing_cli.load_image_files(grey8, 16, 1, accept_sizes=(8,)).shape == (1, 8, 8, 1)
+  assert edit_tasks.load_image_files(grey8, 16, 1, accept_sizes=(8,)).shape == (1, 8, 8, 1)
   with pytest.raises(ConfigError, match='does not exist'):
-    editing_cli.load_image_files(str(tmp_path / 'missing.png'), 8, 1)
+    edit_tasks.load_image_files(str(tmp_path / 'missing.png'), 8, 1)
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(ConfigError, match='no image files'):
-    editing_cli.load_image_files(str(tmp_path / 'empty'), 8, 1)
+    edit_tasks.load_image_files(str(tmp_path / 'empty'), 8, 1)
 
 
 def test_mask_files(tmp_path):
   square = np.zeros((8, 8), np.uint8)
   square[2:5, 3:6] = 255
   path = _save(tmp_path / 'mask.png', square)
-  np.testing.assert_array_equal(editing_cli.load_mask(path, 8), square / 255)
-  np.testing.assert_array_equal(editing_cli.load_mask('upper_half', 8), editing.named_mask('upper_half', 8))
+  np.testing.assert_array_equal(edit_tasks.load_mask(path, 8), square / 255)
+  np.testing.assert_array_equal(edit_tasks.load_mask('upper_half', 8), editing.named_mask('upper_half', 8))
   with pytest.raises(ConfigError, match='is 8x8.*16x16.*edit.resize=True'):
-    editing_cli.load_mask(path, 16)
-  assert editing_cli.load_mask(path, 16, resize=True).sum() == 4 * square.astype(bool).sum()
+    edit_tasks.load_mask(path, 16)
+  assert edit_tasks.load_mask(path, 16, resize=True).sum() == 4 * square.astype(bool).sum()
   with pytest.raises(ConfigError, match='no white pixel'):
-    editing_cli.load_mask(_save(tmp_path / 'black.png', np.zeros((8, 8), np.uint8)), 8)
+    edit_tasks.load_mask(_save(tmp_path / 'black.png', np.zeros((8, 8), np.uint8)), 8)
   with pytest.raises(ConfigError, match='neither a named mask'):
-    editing_cli.load_mask('nowhere.png', 8)
+    edit_tasks.load_mask('nowhere.png', 8)
 
 
 def test_default_edit_time_points():
   from configs import digits_cd
   config = digits_cd.get_config()
-  sigmas = editing_cli.edit_sigmas(config)
-  grid = sampling.sigmas_from_indices(range(18), 18, config.model)
+  sigmas = edit_tasks.edit_sigmas(config)
+  grid = sampling.sigmas_from_indices(range(18), 18, config.noise)
   assert sigmas == pytest.approx(grid[:17])  # Every level but eps (which costs nothing).
   config.edit.task = 'interpolation'
-  assert editing_cli.edit_sigmas(config) == [80.0]  # One-step samples of the slerped noise.
+  assert edit_tasks.edit_sigmas(config) == [80.0]  # One-step samples of the slerped noise.
   config.edit.ts = (0, 11, 17)
-  assert editing_cli.edit_sigmas(config) == pytest.approx(grid[:12:11])  # The trailing eps is free.
+  assert edit_tasks.edit_sigmas(config) == pytest.approx(grid[:12:11])  # The trailing eps is free.
   config.edit.sigmas = (10.0, 1.0)
-  assert editing_cli.edit_sigmas(config) == [10.0, 1.0]
+  assert edit_tasks.edit_sigmas(config) == [10.0, 1.0]
 
 
 @pytest.mark.parametrize('overrides,match', [
     (dict(task='colorization'), 'Colorization needs RGB images.*3 channels.*1-channel'),
     (dict(task='superres', superres_factor=3), 'superres_factor=3 must be >= 2 and divide'),
-    (dict(task='warp'), "edit.task='warp' is unknown"),
+    (dict(task='warp'), "edit.task='warp' is not one of 'inpainting', 'colorization'"),
     (dict(task='inpainting', mask='nowhere.png'), 'neither a named mask'),
     (dict(task='interpolation', interpolation_points=1), 'interpolation_points=1'),
     (dict(task='denoising', noise_sigma=0.0), 'noise_sigma=0.0 must be above'),
@@ -301,7 +302,7 @@ def test_cli_errors_come_before_anything_is_restored(tmp_path, overrides, match)
   config.edit.update(overrides)
   # tmp_path holds no run: the config error must come first.
   with pytest.raises(ConfigError, match=match):
-    editing_cli.edit(config, str(tmp_path))
+    edit_mode.run(config, str(tmp_path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,20 +310,19 @@ def test_cli_errors_come_before_anything_is_restored(tmp_path, overrides, match)
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_edit_mode_end_to_end(tmp_path, digits_data_dir):
-  from cm_jax import train
   from tests import tiny
   workdir = str(tmp_path / 'edm')
   config = tiny.edm_config(digits_data_dir, steps=2)
-  train.train_and_evaluate(config, workdir)
+  tiny.train(config, workdir)
   config.edit.num_images, config.edit.batch_size, config.edit.ts = 10, 4, (0, 9)
   results = {}
   for task in ('inpainting', 'superres', 'denoising', 'stroke'):
     config.edit.task, config.edit.num_draws = task, 2 if task == 'superres' else 1
-    results[task] = editing_cli.edit(config, workdir)
+    results[task] = edit_mode.run(config, workdir)
   config.edit.num_draws = 1
   config.edit.task, config.edit.interpolation_source, config.edit.interpolation_points = (
       'interpolation', 'inputs', 3)
-  results['interpolation'] = editing_cli.edit(config, workdir)
+  results['interpolation'] = edit_mode.run(config, workdir)
   for task, result in results.items():
     for name in ('input.png', 'result.png', 'reference.png', 'edits.npz', 'metrics.json'):
       assert os.path.exists(os.path.join(result['dir'], name)), (task, name)
@@ -345,8 +345,8 @@ def test_edit_mode_end_to_end(tmp_path, digits_data_dir):
   _save(tmp_path / 'big.png', np.zeros((16, 16), np.uint8))
   config.edit.task = 'inpainting'
   with pytest.raises(ConfigError, match='16x16'):
-    editing_cli.edit(config, workdir, str(tmp_path / 'big.png'))
+    edit_mode.run(config, workdir, str(tmp_path / 'big.png'))
   _save(tmp_path / 'small.png', np.full((4, 4), 255, np.uint8))
   config.edit.task = 'superres'
-  low = editing_cli.edit(config, workdir, str(tmp_path / 'small.png'))
+  low = edit_mode.run(config, workdir, str(tmp_path / 'small.png'))
   assert low['num_images'] == 1 and 'rmse' not in low  # No reference for a file input.

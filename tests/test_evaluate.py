@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from cm_jax import data, evaluate, train
+from cm_jax import data, inference, outputs
+from cm_jax.evaluators import image_metrics
+from cm_jax.modes import eval as eval_mode
 from cm_jax.errors import ConfigError, WorkdirError
 from cm_jax.evaluation import inception
 from configs import cifar10_edm, default
+from tests import tiny
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +54,7 @@ def random_inception_path(tmp_path_factory) -> str:
 @pytest.fixture
 def no_sampling(monkeypatch):
   """Fails the test if anything is sampled."""
-  monkeypatch.setattr(train, 'sample_images', mock.Mock(side_effect=AssertionError('sampled')))
+  monkeypatch.setattr(inference, 'sample_images', mock.Mock(side_effect=AssertionError('sampled')))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def test_missing_inception_weights_raise_before_sampling(tmp_path, no_sampling):
   config = tiny_cifar10_config(tmp_path, str(tmp_path / 'absent.npz'))
   # The workdir has no checkpoint either: the weights are reported first, with the fix.
   with pytest.raises(inception.PretrainedWeightsNotFoundError, match='convert'):
-    evaluate.evaluate(config, str(tmp_path / 'run'))
+    eval_mode.run(config, str(tmp_path / 'run'))
 
 
 @pytest.mark.parametrize('arrays, match', [
@@ -76,42 +79,42 @@ def test_bad_samples_npz_is_refused_first(tmp_path, no_sampling, arrays, match):
   np.savez(path, **arrays)
   config = tiny_cifar10_config(tmp_path, str(tmp_path / 'absent.npz'))
   with pytest.raises(ConfigError, match=match):
-    evaluate.evaluate(config, str(tmp_path / 'run'), str(path))
+    eval_mode.run(config, str(tmp_path / 'run'), str(path))
 
 
 def test_missing_npz_and_bad_settings(tmp_path, no_sampling):
   config = tiny_cifar10_config(tmp_path, str(tmp_path / 'absent.npz'))
   with pytest.raises(ConfigError, match='does not exist'):
-    evaluate.evaluate(config, str(tmp_path / 'run'), str(tmp_path / 'nothing.npz'))
+    eval_mode.run(config, str(tmp_path / 'run'), str(tmp_path / 'nothing.npz'))
   config.eval.num_samples = 1
   with pytest.raises(ConfigError, match='at least 2'):
-    evaluate.evaluate(config, str(tmp_path / 'run'))
+    eval_mode.run(config, str(tmp_path / 'run'))
   config.eval.num_samples = 16
   config.eval.is_splits = 0
   with pytest.raises(ConfigError, match='is_splits'):
-    evaluate.evaluate(config, str(tmp_path / 'run'))
+    eval_mode.run(config, str(tmp_path / 'run'))
 
 
 def test_reference_stats_key_names_everything_that_changes_them(tmp_path):
   config = tiny_cifar10_config(tmp_path, '')
-  base = evaluate.reference_stats_path(config, '/run', 'ab' * 32)
+  base = image_metrics.reference_stats_path(config, '/run', 'ab' * 32)
   assert base.startswith('/run/stats/')
-  variants = [evaluate.reference_stats_path(config, '/run', 'cd' * 32)]
+  variants = [image_metrics.reference_stats_path(config, '/run', 'cd' * 32)]
   for section, key, value in [('eval', 'ref_split', 'test'), ('data', 'image_size', 64),
                               ('eval', 'max_ref_images', 0), ('data', 'name', 'lsun/bedroom')]:
     changed = tiny_cifar10_config(tmp_path, '')
     changed[section][key] = value
-    variants.append(evaluate.reference_stats_path(changed, '/run', 'ab' * 32))
+    variants.append(image_metrics.reference_stats_path(changed, '/run', 'ab' * 32))
   assert len({base, *variants}) == len(variants) + 1
   assert '/' not in os.path.basename(variants[-1])
   config.eval.stats_dir = '/shared/stats'
-  assert evaluate.reference_stats_path(config, '/run', 'ab' * 32).startswith('/shared/stats/')
+  assert image_metrics.reference_stats_path(config, '/run', 'ab' * 32).startswith('/shared/stats/')
 
 
 def test_result_name_of_an_npz():
-  assert evaluate.name_of_npz('/w/samples/multistep_nfe2/samples_10x8x8x1.npz') == (
+  assert eval_mode.name_of_npz('/w/samples/multistep_nfe2/samples_10x8x8x1.npz') == (
       'multistep_nfe2', 'multistep', 2)
-  assert evaluate.name_of_npz('/x/samples_10x8x8x1.npz') == ('samples_10x8x8x1', None, None)
+  assert eval_mode.name_of_npz('/x/samples_10x8x8x1.npz') == ('samples_10x8x8x1', None, None)
 
 
 def test_workdir_of_another_model_is_refused_before_sampling(tmp_path, digits_data_dir, no_sampling):
@@ -125,7 +128,7 @@ def test_workdir_of_another_model_is_refused_before_sampling(tmp_path, digits_da
   del flat['model']['conv_size']  # A field added after the run: its default stands.
   (workdir / 'config.json').write_text(json.dumps(flat))
   with pytest.raises(WorkdirError, match=r'model.nf: 64 in the workdir, 32 now\)'):
-    evaluate.evaluate(config, str(workdir))
+    eval_mode.run(config, str(workdir))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,8 +138,8 @@ def test_digits_npz_gets_the_digits_metric(tmp_path, digits_data_dir):
   config = default.get_config()
   config.data.data_dir = digits_data_dir
   images, _ = data.load_split(config.data, 'test', process_index=0, process_count=1)
-  npz = train.write_samples(str(tmp_path / 'run' / 'samples' / 'onestep_nfe1'), images, None)
-  results = evaluate.evaluate(config, str(tmp_path / 'run'), npz)
+  npz = outputs.write_samples(str(tmp_path / 'run' / 'samples' / 'onestep_nfe1'), images, None)
+  results = eval_mode.run(config, str(tmp_path / 'run'), npz)
   result = results['onestep_nfe1']
   assert (result['sampler'], result['nfe'], result['num_samples']) == ('onestep', 1, len(images))
   scores = result['metrics']
@@ -162,11 +165,9 @@ def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
   with tfds.testing.mock_data(num_examples=20), \
       mock.patch.object(tfds.core.DatasetBuilder, 'is_prepared', return_value=True), \
       mock.patch.object(data, 'load_split', load_split):
-    out = train.train_and_evaluate(config, workdir)
-    assert out['step'] == 2
-    out['writer'].close()
+    assert tiny.train(config, workdir).step == 2
 
-    first = evaluate.evaluate(config, workdir)
+    first = eval_mode.run(config, workdir)
     assert list(first) == ['heun_nfe3']
     result = first['heun_nfe3']
     assert (result['sampler'], result['nfe'], result['num_samples'], result['step']) == (
@@ -190,7 +191,7 @@ def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
     mtime = os.path.getmtime(stats_path)
 
     # The written npz scores the same as sampling did, from the cached statistics.
-    second = evaluate.evaluate(config, workdir, result['samples_npz'])
+    second = eval_mode.run(config, workdir, result['samples_npz'])
   assert load_split.call_count == reads  # Nothing read again.
   assert os.path.getmtime(stats_path) == mtime
   assert list(second) == ['heun_nfe3']
@@ -220,7 +221,7 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
     process_id, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     jax.distributed.initialize(f'localhost:{port}', num_processes=2, process_id=process_id,
                                initialization_timeout=60)
-    from cm_jax import evaluate
+    from cm_jax.evaluators import image_metrics
     from configs import default
     from tests.test_evaluate import pixel_features
     assert (jax.process_count(), jax.device_count()) == (2, 4)
@@ -228,10 +229,10 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
     config.eval.max_ref_images = 500
     samples = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), dtype=np.uint8)
     fake = (pixel_features, {})
-    features = evaluate.sample_features(fake, samples, 4)
-    reference, total = evaluate._reference_features(config, fake)
+    features = image_metrics.sample_features(fake, samples, 4)
+    reference, total = image_metrics._reference_features(config, fake)
     # Computed once (process 0 writes), then read back by both processes.
-    computed = [evaluate.reference_stats(config, sys.argv[4], fake, '0' * 64)['computed']
+    computed = [image_metrics.reference_stats(config, sys.argv[4], fake, '0' * 64)['computed']
                 for _ in range(2)]
     assert computed == [True, False], computed
     np.savez(out, samples=features['pool'], reference=reference, total=total)
@@ -262,7 +263,7 @@ def test_two_processes_gather_features_in_order(tmp_path, digits_data_dir):
   fake = (pixel_features, {})
   samples = np.random.default_rng(0).integers(0, 256, (11, 8, 8, 1), dtype=np.uint8)
   expected_samples = np.repeat(samples.astype(np.float32), 3, axis=-1).reshape(11, -1)
-  expected_reference, total = evaluate._reference_features(config, fake)
+  expected_reference, total = image_metrics._reference_features(config, fake)
   assert expected_reference.shape == (500, 192) and total > 500  # A subset of the split.
   for i in range(2):
     with np.load(tmp_path / f'{i}.npz') as got:

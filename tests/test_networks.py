@@ -266,7 +266,7 @@ def test_fused_fir_convs():
 
 
 @pytest.mark.parametrize('overrides, image_size, match', [
-    (dict(name='unet'), 8, 'not a known network'),
+    (dict(name='unet'), 8, "config.model.name='unet' is not one of 'ncsnpp', 'adm'"),
     (dict(attn_resolutions=(3,)), 8, 'never reaches'),
     (dict(ch_mult=(1, 2, 2, 2), attn_resolutions=(2,)), 4, 'divisible by 2\\*\\*3'),
     (dict(ch_mult=(1, 2, 2)), 6, 'divisible'),

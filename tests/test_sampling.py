@@ -11,13 +11,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cm_jax import editing, editing_cli, karras, sampling, sampling_cli, train
+from cm_jax import edit_tasks, editing, inference, karras, sampling
+from cm_jax.modes import sample as sample_mode
 from cm_jax.errors import ConfigError
 from tests import gaussian
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MU, S0, EPS, T, RHO = 0.3, 0.5, 0.002, 80.0, 7.0
-MODEL = ml_collections.ConfigDict(dict(sigma_min=EPS, sigma_max=T, rho=RHO))
+NOISE = ml_collections.ConfigDict(dict(sigma_min=EPS, sigma_max=T, rho=RHO))
 SHAPE = (8192, 4, 4, 1)  # 131k values: the standard error of a mean is 0.0014, of a std 0.001.
 
 
@@ -30,7 +31,7 @@ def exact_f():
 # --------------------------------------------------------------------------------------------------
 def test_alg1_with_one_time_point_is_onestep_sampling():
   # A nonlinear stand-in for a network: the equality must not depend on f being the exact one.
-  f = lambda x, sigma: jnp.tanh(x / karras._bcast(sigma, x)) + 0.1 * x
+  f = lambda x, sigma: jnp.tanh(x / karras.bcast(sigma, x)) + 0.1 * x
   key = jax.random.PRNGKey(3)
   shape = (16, 8, 8, 1)
   onestep = sampling.onestep_sample(f, key, shape, T, EPS)
@@ -45,7 +46,7 @@ def test_alg1_with_one_time_point_is_onestep_sampling():
 @pytest.mark.parametrize('sigmas', [
     [T],
     [T, 0.5],
-    sampling.sigmas_from_indices((0, 11, 17), 18, MODEL),  # The paper's CIFAR-10 2-step points.
+    sampling.sigmas_from_indices((0, 11, 17), 18, NOISE),  # The paper's CIFAR-10 2-step points.
     [T, 5.0, 1.0, 0.2, 0.05],
 ])
 def test_consistency_samplers_give_the_gaussian_exactly(sigmas):
@@ -64,7 +65,7 @@ def test_later_steps_forget_the_first_steps_bias():
   # steps (x_tau = x + sqrt(tau^2 - eps^2) z is exactly N(MU, S0^2 + tau^2) only if x is exact) shrink
   # the bias by sqrt(S0^2 + eps^2) / sqrt(S0^2 + tau^2) per step.
   f = exact_f()
-  biased = lambda x, sigma: f(x, sigma) + jnp.where(karras._bcast(sigma, x) > 1.0, 0.5, 0.0)
+  biased = lambda x, sigma: f(x, sigma) + jnp.where(karras.bcast(sigma, x) > 1.0, 0.5, 0.0)
   one = np.asarray(sampling.multistep_sample(biased, jax.random.PRNGKey(1), SHAPE, [T], EPS))
   two = np.asarray(sampling.multistep_sample(biased, jax.random.PRNGKey(1), SHAPE, [T, 0.3], EPS))
   assert one.mean() == pytest.approx(MU + 0.5, abs=0.01)
@@ -75,7 +76,7 @@ def test_later_steps_forget_the_first_steps_bias():
 @pytest.mark.parametrize('solver,levels,tol', [('heun', 80, 0.01), ('euler', 400, 0.03)])
 def test_edm_samplers_solve_the_pf_ode_of_gaussian_data(solver, levels, tol):
   key = jax.random.PRNGKey(2)
-  x = sampling.edm_sample(gaussian.denoiser(MU, S0), key, SHAPE, levels, MODEL, solver)
+  x = sampling.edm_sample(gaussian.denoiser(MU, S0), key, SHAPE, levels, NOISE, solver)
   exact = gaussian.ode_solution(T * jax.random.normal(key, SHAPE), T, 0.0, MU, S0)
   # Per sample against the exact ODE map of the same noise, so sampling error plays no part.
   assert float(jnp.max(jnp.abs(x - exact))) < tol
@@ -86,7 +87,7 @@ def test_heun_converges_at_second_order():
   key = jax.random.PRNGKey(4)
   shape = (256, 2, 2, 1)
   exact = gaussian.ode_solution(T * jax.random.normal(key, shape), T, 0.0, MU, S0)
-  errors = [float(jnp.max(jnp.abs(sampling.edm_sample(gaussian.denoiser(MU, S0), key, shape, n, MODEL)
+  errors = [float(jnp.max(jnp.abs(sampling.edm_sample(gaussian.denoiser(MU, S0), key, shape, n, NOISE)
                                   - exact))) for n in (40, 80)]
   assert errors[0] / errors[1] > 3.0  # 4 for a second-order method.
 
@@ -101,7 +102,7 @@ def test_ode_consistency_function_and_encoder_match_the_closed_forms():
   np.testing.assert_array_equal(f(x, jnp.full((64,), EPS)), x)  # f(x, eps) = x.
   # Encoding then one-step generation gives the image back (the ODE there and back).
   images = MU + S0 * jax.random.normal(jax.random.PRNGKey(6), (64, 4, 4, 1))
-  z = sampling.ode_encode(denoiser, images, 80, MODEL)
+  z = sampling.ode_encode(denoiser, images, 80, NOISE)
   np.testing.assert_allclose(exact_f()(T * z, jnp.full((64,), T)), images, atol=6e-3)
   assert float(z.std()) == pytest.approx(np.sqrt(S0 ** 2 + T ** 2) / T, rel=0.05)
 
@@ -114,8 +115,8 @@ def test_time_points_are_checked():
   with pytest.raises(ConfigError, match='above sigma_min'):
     sampling.multistep_sample(f, key, (2, 4, 4, 1), [EPS], EPS)
   with pytest.raises(ConfigError, match='outside the N-grid'):
-    sampling.sigmas_from_indices((0, 18), 18, MODEL)
-  sigmas = sampling.sigmas_from_indices((0, 11, 17), 18, MODEL)
+    sampling.sigmas_from_indices((0, 18), 18, NOISE)
+  sigmas = sampling.sigmas_from_indices((0, 11, 17), 18, NOISE)
   assert sigmas[0] == pytest.approx(T, rel=1e-5) and sigmas[-1] == pytest.approx(EPS, rel=1e-4)
   assert sigmas[1] == pytest.approx(float(karras.sigma_at(11, 18, EPS, T, RHO)), rel=1e-6)
 
@@ -180,7 +181,7 @@ def _tiny_network_and_params(params_path: str):
   from configs import default
   config = default.get_config().model
   config.update(nf=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_classes=10)
-  model = Preconditioned(get_network(config, 8, 1), config)
+  model = Preconditioned(get_network(config, 8, 1), default.get_config().noise, num_classes=10)
   abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), (8, 8, 1)))
   leaves, treedef = jax.tree.flatten(abstract)
   if not os.path.exists(params_path):
@@ -200,7 +201,7 @@ def sharded_outputs(params_path: str, devices) -> dict[str, np.ndarray]:
   sigmas = [T, 0.6]
   fn = lambda p, rng, labels, shape: sampling.multistep_sample(model.consistency_fn(p, labels), rng,
                                                                shape, sigmas, EPS)
-  sampler = train.ShardedSampler(fn, mesh, (8, 8, 1), batch_size=6, num_classes=10)
+  sampler = inference.ShardedSampler(fn, mesh, (8, 8, 1), batch_size=6, num_classes=10)
   images, labels = sampler(params, 10, seed=5)
   reference = np.linspace(-1, 1, 10 * 64, dtype=np.float32).reshape(10, 8, 8, 1)
   mask = editing.named_mask('lower_half', 8)
@@ -208,7 +209,7 @@ def sharded_outputs(params_path: str, devices) -> dict[str, np.ndarray]:
   def edit(p, key, batch):
     f = model.consistency_fn(p, batch['label'])
     return editing.inpaint(f, key, batch['image'], mask, sigmas, EPS, clip_denoised=True)
-  edits = editing_cli.run_batched(edit, params, {'image': reference, 'label': labels}, 6, 3, mesh)[0]
+  edits = inference.run_batched(edit, params, {'image': reference, 'label': labels}, 6, 3, mesh)[0]
   return {'images': images, 'labels': labels, 'edits': edits}
 
 
@@ -275,13 +276,12 @@ def test_same_seed_same_samples_and_edits_on_2_processes(tmp_path):
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sample_mode_end_to_end(tmp_path, digits_data_dir):
-  from cm_jax import run
   from tests import tiny
   workdir = str(tmp_path / 'edm')
   config = tiny.edm_config(digits_data_dir, steps=2)
   config.sampling.num_samples, config.sampling.batch_size = 20, 8
-  train.train_and_evaluate(config, workdir)
-  result = sampling_cli.sample(config, workdir)
+  tiny.train(config, workdir)
+  result = sample_mode.run(config, workdir)
   assert result['sampler'] == 'heun' and result['nfe'] == 5 and 'digits_fd' in result
   assert result['npz'] == os.path.join(workdir, 'samples', 'heun_nfe5', 'samples_20x8x8x1.npz')
   assert os.path.exists(os.path.join(workdir, 'samples', 'heun_nfe5', 'grid.png'))
@@ -289,22 +289,26 @@ def test_sample_mode_end_to_end(tmp_path, digits_data_dir):
     images = npz['arr_0']
     assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1) and 'arr_1' not in npz
   # The training loop's sampler gives the same samples for the same seed and batch.
-  exp, state, _, _ = run.restore_for_sampling(config, workdir)
-  expected, _, _ = train.sample_images(exp, train.eval_params(state, 0), 'heun', 20, config.sampling.seed, 8)
+  restored = inference.restore(config, workdir)
+  expected, _ = inference.sample_images(restored.exp, restored.params, 'heun',
+                                        restored.exp.method.sampler('heun'), 20,
+                                        config.sampling.seed, 8)
   np.testing.assert_array_equal(images, expected)
   config.sampling.sampler = 'onestep'
-  with pytest.raises(ConfigError, match='needs a consistency model'):
-    sampling_cli.sample(config, workdir)
+  with pytest.raises(ConfigError, match="sampling.sampler has 'onestep', which is not a sampler of edm runs: use one of 'heun', 'euler'"):
+    sample_mode.run(config, workdir)
   config.sampling.sampler, config.sampling.search_steps = '', 2
   with pytest.raises(ConfigError, match='search_steps=2 searches consistency-model time points'):
-    sampling_cli.sample(config, workdir)
+    sample_mode.run(config, workdir)
 
 
 @pytest.mark.slow
 def test_time_search_on_a_network_compiles_once(digits_data_dir):
+  from cm_jax import experiment
+  from cm_jax.evaluators.time_search import TimeSearchEvaluator
   from tests import tiny
   config = tiny.cd_config(digits_data_dir, '/nonexistent', steps=2)
-  exp = train.build_experiment(config, '/tmp/unused')
+  exp = experiment.build(config, '/tmp/unused')
   params = exp.model.init(jax.random.PRNGKey(0), exp.image_shape)
   params = jax.tree.map(lambda p: p + 0.2 * jnp.ones_like(p), params)
   scored = []
@@ -313,7 +317,7 @@ def test_time_search_on_a_network_compiles_once(digits_data_dir):
     scored.append(images.shape)
     return -float(images.mean())
   with counting_traces() as traces:
-    ts, scores = sampling_cli.time_search(exp, params, score, 2, 12, seed=0, batch_size=6)
+    ts, scores = TimeSearchEvaluator(exp, score).run(params, 2, 12, seed=0, batch_size=6)
   assert ts[0] == 0 and ts[-1] == 17 and 0 < ts[1] < 17 and len(ts) == 3
   assert scores[ts] == min(scores.values()) and len(scores) == len(scored) <= 12
   assert all(shape == (12, 8, 8, 1) for shape in scored)

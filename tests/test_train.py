@@ -9,7 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, run, train
+from cm_jax import checkpointing, experiment, inference, trainer
+from cm_jax.modes import train as train_mode
 from cm_jax.errors import ConfigError, DatasetNotFoundError, NonFiniteLossError, WorkdirError
 from tests import tiny
 
@@ -23,24 +24,24 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, digits_d
     c = tiny.edm_config(digits_data_dir, steps=6)
     c.training.lr_decay = lr_decay
     return c
-  full = train.train_and_evaluate(config(), str(tmp_path / 'a'))
+  full = tiny.train(config(), str(tmp_path / 'a'))
   # The same command stopped after step 3 (as by a preemption notice), then relaunched.
   with monkeypatch.context() as patch:
     patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 3)
-    first = train.train_and_evaluate(config(), str(tmp_path / 'b'))
-  assert first['preempted']
-  resumed = train.train_and_evaluate(config(), str(tmp_path / 'b'))
-  assert [s for s, _ in first['losses']] == [0, 1, 2]
-  assert [s for s, _ in resumed['losses']] == [3, 4, 5]  # Started at the saved step, not from 0.
-  assert dict(full['losses']) == dict(first['losses'] + resumed['losses'])  # Bitwise on CPU.
-  for a, b in zip(jax.tree.leaves(full['state'].params), jax.tree.leaves(resumed['state'].params)):
+    first = tiny.train(config(), str(tmp_path / 'b'))
+  assert first.preempted
+  resumed = tiny.train(config(), str(tmp_path / 'b'))
+  assert [s for s, _ in first.losses] == [0, 1, 2]
+  assert [s for s, _ in resumed.losses] == [3, 4, 5]  # Started at the saved step, not from 0.
+  assert dict(full.losses) == dict(first.losses + resumed.losses)  # Bitwise on CPU.
+  for a, b in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, digits_data_dir):
   workdir = str(tmp_path / 'run')
-  out = run.train_and_finish(tiny.edm_config(digits_data_dir, steps=2), workdir)
-  result = out['samples']['heun']
+  out = train_mode.run(tiny.edm_config(digits_data_dir, steps=2), workdir)
+  result = out.samples['heun']
   assert result['nfe'] == 5  # 3 Heun levels = 2 Heun steps + 1 Euler step.
   with np.load(result['npz']) as npz:
     assert npz['arr_0'].shape == (16, 8, 8, 1) and npz['arr_0'].dtype == np.uint8
@@ -56,7 +57,7 @@ def test_edm_loss_decreases_on_digits(tmp_path, digits_data_dir):
   config = tiny.edm_config(digits_data_dir, steps=300)
   config.model.nf, config.training.lr, config.training.batch_size = 16, 2e-3, 32
   config.training.log_every, config.training.checkpoint_every = 100, 300
-  losses = np.array([loss for _, loss in train.train_and_evaluate(config, str(tmp_path))['losses']])
+  losses = np.array([loss for _, loss in tiny.train(config, str(tmp_path)).losses])
   # The EDM weighting makes the loss ~1 for a network that outputs 0 (D = c_skip x); learning
   # the digits brings it well below.
   assert losses[:20].mean() > 0.8
@@ -68,24 +69,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
   # Step 0's update makes the params ~1e30 (finite, saved at step 1); step 1 overflows.
   config.training.lr, config.training.grad_clip, config.training.checkpoint_every = 1e30, 0.0, 1
   with pytest.raises(NonFiniteLossError, match='last good checkpoint') as info:
-    train.train_and_evaluate(config, str(tmp_path))
+    tiny.train(config, str(tmp_path))
   ckpt_steps = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit())
   assert ckpt_steps, 'a checkpoint before the blow-up is kept'
   # The kept checkpoint restores to finite params.
   config.training.lr = 1e-4
-  exp, state, _, step = run.restore_for_sampling(config, str(tmp_path))
+  restored = inference.restore(config, str(tmp_path))
+  step = restored.step
   assert step == ckpt_steps[-1] and f'step {step}' in str(info.value)
-  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.state.params))
 
 
 def test_workdir_of_another_config_is_refused(tmp_path, digits_data_dir):
-  train.train_and_evaluate(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path))
+  tiny.train(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path))
   other = tiny.edm_config(digits_data_dir, steps=4)
   other.training.lr = 5e-4
   with pytest.raises(WorkdirError, match='training.lr'):
-    train.train_and_evaluate(other, str(tmp_path))
+    tiny.train(other, str(tmp_path))
   other.allow_other_config = True
-  assert train.train_and_evaluate(other, str(tmp_path))['step'] == 4
+  assert tiny.train(other, str(tmp_path)).step == 4
 
 
 def test_extending_num_steps_is_refused_only_where_the_schedule_depends_on_it(tmp_path,
@@ -94,48 +96,48 @@ def test_extending_num_steps_is_refused_only_where_the_schedule_depends_on_it(tm
     workdir = str(tmp_path / lr_decay)
     config = tiny.edm_config(digits_data_dir, steps=2)
     config.training.lr_decay = lr_decay
-    train.train_and_evaluate(config, workdir)
+    tiny.train(config, workdir)
     config.training.num_steps = 3
     if resumable:
-      assert train.train_and_evaluate(config, workdir)['step'] == 3
+      assert tiny.train(config, workdir).step == 3
     else:
       with pytest.raises(WorkdirError, match='training.num_steps: 2 in the workdir, 3 now'):
-        train.train_and_evaluate(config, workdir)
+        tiny.train(config, workdir)
 
 
 def test_bad_config_values_fail_before_compiling(tmp_path, digits_data_dir):
   config = tiny.edm_config(digits_data_dir)
   config.training.batch_size = 0
   with pytest.raises(ConfigError, match='batch_size'):
-    train.build_experiment(config, str(tmp_path))
+    experiment.build(config, str(tmp_path))
   config = tiny.edm_config(digits_data_dir)
   config.method = 'gan'
-  with pytest.raises(ConfigError, match="'edm', 'cd', 'ct'"):
-    train.build_experiment(config, str(tmp_path))
+  with pytest.raises(ConfigError, match="method='gan' is not one of 'edm', 'cd', 'ct'"):
+    experiment.build(config, str(tmp_path))
   config = tiny.edm_config(digits_data_dir)
   config.mesh.fsdp = 3
   with pytest.raises(ConfigError, match='mesh.fsdp'):
-    train.build_experiment(config, str(tmp_path))
+    experiment.build(config, str(tmp_path))
 
 
 def test_learning_rate_schedules_at_known_steps():
   config = tiny.edm_config('unused')
   t = config.training
   t.lr, t.warmup_steps, t.num_steps, t.lr_decay = 1e-3, 100, 1100, 'constant'
-  _, constant = train.make_optimizer(t)
+  _, constant = experiment.make_optimizer(t)
   assert [float(constant(s)) for s in (0, 50, 100, 1100, 5000)] == pytest.approx(
       [0.0, 5e-4, 1e-3, 1e-3, 1e-3])
   t.lr_decay, t.lr_end_factor = 'cosine', 0.1
-  _, cosine = train.make_optimizer(t)
+  _, cosine = experiment.make_optimizer(t)
   # After warmup: lr * (end + (1 - end) * (1 + cos(pi * k / K)) / 2), k = step - warmup, K = 1000.
   expected = [0.0, 5e-4, 1e-3, 1e-3 * (0.1 + 0.9 * 0.5), 1e-4, 1e-4]
   assert [float(cosine(s)) for s in (0, 50, 100, 600, 1100, 5000)] == pytest.approx(expected, rel=1e-5)
   t.num_steps = 0  # A run built only to restore or sample: warmup, then the end rate.
-  _, short = train.make_optimizer(t)
+  _, short = experiment.make_optimizer(t)
   assert [float(short(s)) for s in (50, 100, 101)] == pytest.approx([5e-4, 1e-3, 1e-4], rel=1e-5)
   t.lr_decay = 'linear'
-  with pytest.raises(ConfigError, match='constant or cosine'):
-    train.make_optimizer(t)
+  with pytest.raises(ConfigError, match="training.lr_decay='linear' is not one of 'constant', 'cosine'"):
+    experiment.make_optimizer(t)
 
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
@@ -143,7 +145,7 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   config.data.name, config.data.image_size, config.data.num_channels = 'cifar10', 32, 3
   config.model.attn_resolutions = (16,)
   with pytest.raises(DatasetNotFoundError, match='download_and_prepare'):
-    train.train_and_evaluate(config, str(tmp_path / 'run'))
+    tiny.train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 

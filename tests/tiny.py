@@ -1,5 +1,6 @@
 """Tiny configs of the real experiment files, so end-to-end tests take seconds on a CPU."""
 
+from cm_jax.modes import train as train_mode
 from configs import digits_cd, digits_edm
 
 
@@ -23,3 +24,8 @@ def cd_config(data_dir: str, teacher_workdir: str, steps: int = 4):
   config.teacher.workdir = teacher_workdir
   config.teacher.train_if_missing = False
   return config
+
+
+def train(config, workdir: str, **kwargs) -> train_mode.TrainOutcome:
+  """The train mode without its final samples (most tests look at training only)."""
+  return train_mode.run(config, workdir, final_samples=False, **kwargs)

@@ -18,7 +18,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 import scipy.ndimage
 
-from cm_jax import errors
+from cm_jax import errors, files
 from cm_jax.evaluation import metrics
 
 # Bump when the cached file's contents or meaning change; old files are then ignored.
@@ -147,21 +146,6 @@ def cache_path(data_config: ml_collections.ConfigDict, cache_dir: str | None = N
   return os.path.join(cache_dir or default_cache_dir(), f'digits_classifier_{CACHE_VERSION}_{digest}.npz')
 
 
-def _save_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-  """Writes an .npz via a temporary file and os.replace, so readers never see a partial file."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + '.',
-                                  suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      np.savez(f, **arrays)
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-
-
 def load_whole_split(data_config: ml_collections.ConfigDict, split: str) -> tuple[np.ndarray, np.ndarray]:
   """All of a split (not this process's shard): uint8 NHWC images and int32 labels."""
   from cm_jax import data as data_lib  # pylint: disable=g-import-not-at-top  # Imports TensorFlow.
@@ -247,7 +231,7 @@ class DigitsMetric:
     arrays.update(train_mu=self.train_mu, train_sigma=self.train_sigma,
                   test_accuracy=np.float64(self.test_accuracy),
                   recipe=np.array(json.dumps(dataclasses.asdict(self.recipe))))
-    _save_atomically(self.cache_path, arrays)
+    files.write_npz(self.cache_path, **arrays)
     self.trained = True
 
   def features_and_logits(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm_jax import errors
+from cm_jax import errors, files
 
 PYTORCH_FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 PYTORCH_FID_WEIGHTS_URL = (
@@ -361,14 +361,8 @@ def save_variables(variables: Variables, path: str | os.PathLike[str],
           for k, v in traverse_util.flatten_dict(dict(variables), sep='/').items()}
   for key, value in (metadata or {}).items():
     flat[f'meta/{key}'] = np.asarray(str(value))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Write then rename so an interrupted conversion never leaves a half file.
-  tmp = path.with_name(path.name + '.tmp')
-  with open(tmp, 'wb') as f:
-    np.savez(f, **flat)
-  os.replace(tmp, path)
-  return sha256_of_file(path)
+  # Written whole or not at all: an interrupted conversion never leaves a half file.
+  return sha256_of_file(files.write_npz(path, **flat))
 
 
 def load_variables(path: str | os.PathLike[str],

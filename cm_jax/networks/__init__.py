@@ -19,14 +19,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from cm_jax.errors import ConfigError
+from cm_jax.errors import ConfigError, choose
 from cm_jax.networks import adm, layers
 from cm_jax.networks.adm import ADM
 from cm_jax.networks.ncsnpp import NCSNpp
 
-__all__ = ['ADM', 'NCSNpp', 'get_network']
+__all__ = ['ADM', 'NCSNpp', 'RUNTIME_FIELDS', 'get_network']
 
-_NETWORKS = ('ncsnpp', 'adm')
+# Fields of config.model that change how a network is trained or computed, not what trained weights
+# compute: two runs whose config.model differs only in these hold interchangeable weights.
+RUNTIME_FIELDS = ('dropout', 'init_scale', 'dtype')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 _CHOICES = {
     'resblock_type': ('biggan', 'ddpm'),
@@ -87,10 +89,7 @@ def _dropout(model_config: ml_collections.ConfigDict) -> float:
 
 
 def _dtype(model_config: ml_collections.ConfigDict) -> Any:
-  dtype = _get(model_config, 'dtype')
-  if dtype not in _DTYPES:
-    raise ConfigError(f'config.model.dtype={dtype!r} is unknown; use one of {tuple(_DTYPES)}.')
-  return _DTYPES[dtype]
+  return choose(_DTYPES, _get(model_config, 'dtype'), 'config.model.dtype')
 
 
 def _flags(model_config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict[str, bool]:
@@ -116,16 +115,12 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
   Raises:
     ConfigError: an unknown network or value, or one that does not fit the image size.
   """
-  name = _get(model_config, 'name')
-  if name not in _NETWORKS:
-    raise ConfigError(f'config.model.name={name!r} is not a known network; use one of {_NETWORKS}.')
+  build = choose(_NETWORKS, _get(model_config, 'name'), 'config.model.name')
   if not isinstance(image_size, numbers.Integral) or image_size < 1:
     raise ConfigError(f'The image size must be a positive integer, got {image_size!r}.')
   if not isinstance(num_channels, numbers.Integral) or num_channels < 1:
     raise ConfigError(f'The number of image channels must be a positive integer, got {num_channels!r}.')
-  if name == 'adm':
-    return _adm(model_config, image_size)
-  return _ncsnpp(model_config, image_size)
+  return build(model_config, image_size)
 
 
 def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int) -> NCSNpp:
@@ -257,3 +252,6 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
       dtype=dtype,
       **flags,
   )
+
+
+_NETWORKS = {'ncsnpp': _ncsnpp, 'adm': _adm}

@@ -3,7 +3,7 @@
 The network of the consistency-models paper's ImageNet 64x64 and LSUN 256x256 runs (guided-diffusion's
 `UNetModel`, as used by openai/consistency_models). It maps (x, c_noise, labels) to an output of x's
 shape and knows nothing of noise schedules: the consistency-models code feeds it
-c_noise = 1000 * ln(sigma) / 4 (model.noise_cond_scale = 1000), embedded like a diffusion timestep.
+c_noise = 1000 * ln(sigma) / 4 (noise.noise_cond_scale = 1000), embedded like a diffusion timestep.
 
 Architecture, in the reference's terms:
   - c_noise -> sinusoidal timestep embedding (nf features, max period 10000, cos then sin) -> Linear,
