@@ -39,8 +39,14 @@ def ct_num_scales(step, total_steps: int, start_scales: int, end_scales: int):
 
 
 def ct_target_ema(num_scales, start_scales: int, target_ema: float):
-  """CM paper, Appendix C: mu(k) = exp(s0 ln(mu0) / N(k))."""
-  return jnp.exp(start_scales * math.log(target_ema) / jnp.asarray(num_scales, jnp.float32))
+  """mu(k) = exp(s0 ln(mu0) / max(N(k) - 1, 1)), as both reference codebases compute it.
+
+  The CM paper (Appendix C) writes exp(s0 ln(mu0) / N(k)); the code that trained the released
+  models divides by N(k) - 1 (its N before the +1), clamped at 1: mu(0) = mu0^2 = 0.81 for CIFAR-10
+  CT (mu0 = 0.9, s0 = 2, N(0) = 2) where the paper's formula gives 0.9.
+  """
+  levels = jnp.maximum(jnp.asarray(num_scales, jnp.float32) - 1.0, 1.0)
+  return jnp.exp(start_scales * math.log(target_ema) / levels)
 
 
 def ict_num_scales(step, total_steps: int, start_scales: int, end_scales: int):

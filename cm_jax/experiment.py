@@ -85,13 +85,15 @@ class Experiment:
   def image_shape(self):
     return image_shape_of(self.config)
 
-  def init_state_fn(self, params=None):
-    """A function rng -> TrainState; with `params`, the state starts from them (e.g. a teacher's)."""
+  def init_state_fn(self, params=None, ema=None):
+    """A function rng -> TrainState; with `params` (and `ema`, else the EMA copies start as params),
+    the state starts from them (e.g. a teacher's)."""
     decays = tuple(self.config.training.ema_decays)
 
     def init(rng):
       p = self.model.init(rng, self.image_shape) if params is None else params
-      return TrainState(params=p, opt_state=self.tx.init(p), ema_params=tuple(p for _ in decays),
+      e = p if ema is None else ema
+      return TrainState(params=p, opt_state=self.tx.init(p), ema_params=tuple(e for _ in decays),
                         extra=self.method.init_extra(p))
     return init
 
@@ -118,9 +120,9 @@ class RunResources:
       self._loaded[name] = load()
     return self._loaded[name]
 
-  def teacher_params(self):
-    return self._once('teacher', lambda: teacher.load_params(
-        self._config, self._workdir, self._abstract_params, self._mesh))
+  def teacher_params(self, online: bool = False):
+    return self._once('teacher_online' if online else 'teacher', lambda: teacher.load_params(
+        self._config, self._workdir, self._abstract_params, self._mesh, online))
 
   def lpips_params(self):
     def load():

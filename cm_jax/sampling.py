@@ -102,6 +102,12 @@ def sigmas_from_indices(ts: Sequence[int], num_scales: int, noise_config) -> lis
   return [float(grid[int(t)]) for t in ts]
 
 
+def clipped(denoiser: karras.Denoiser) -> karras.Denoiser:
+  """The denoiser with its output clamped to the image range [-1, 1] (the ImageNet-64 reference's
+  Heun sampler clamps at every evaluation)."""
+  return lambda x, sigma: jnp.clip(denoiser(x, sigma), -1.0, 1.0)
+
+
 def edm_sample(denoiser: karras.Denoiser, rng: jax.Array, shape, num_steps: int, noise_config,
                solver: str = 'heun') -> jax.Array:
   """EDM's deterministic sampler over a Karras grid of `num_steps` levels (18 Heun steps = 35 NFE)."""

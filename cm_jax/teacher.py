@@ -74,8 +74,10 @@ def check_usable(config, run: TeacherRun) -> None:
                        f'`{train_command(config, run.workdir)}`.')
 
 
-def load_params(config, workdir: str, abstract_params, mesh: jax.sharding.Mesh):
-  """The teacher's EMA params (teacher.ema_index), sharded like `abstract_params` on `mesh`."""
+def load_params(config, workdir: str, abstract_params, mesh: jax.sharding.Mesh,
+                online: bool = False):
+  """The teacher's EMA params (teacher.ema_index) or, `online`, its online params, sharded like
+  `abstract_params` on `mesh`."""
   run = find(config, workdir)
   check_usable(config, run)
   ckpt = checkpointing.Checkpointer(os.path.join(run.workdir, 'checkpoints'), read_only=True)
@@ -95,7 +97,12 @@ def load_params(config, workdir: str, abstract_params, mesh: jax.sharding.Mesh):
                        f'(first differences: {mismatched}). Use the teacher\'s model config.')
   abstract = checkpointing.with_shardings(abstract_params,
                                           sharding.tree_shardings(abstract_params, mesh))
-  items = ckpt.restore_items(step, {'ema_params': tuple(abstract for _ in range(num_ema))})
+  if online:
+    params = ckpt.restore_items(step, {'params': abstract})['params']
+    logging.info('Teacher: online params of %s at step %d.', run.workdir, step)
+  else:
+    params = ckpt.restore_items(step, {'ema_params': tuple(abstract for _ in range(num_ema))}
+                                )['ema_params'][index]
+    logging.info('Teacher: EMA copy %d of %s at step %d.', index, run.workdir, step)
   ckpt.close()
-  logging.info('Teacher: EMA copy %d of %s at step %d.', index, run.workdir, step)
-  return items['ema_params'][index]
+  return params

@@ -79,16 +79,18 @@ def restore_or_init(exp: Experiment, ckpt: checkpointing.Checkpointer) -> tuple[
   rng = jax.random.PRNGKey(exp.config.seed)
   # The state is created already sharded: each device computes only its shards (out_shardings), so
   # no device ever holds a full copy of a model that needs FSDP to fit.
-  params = exp.method.initial_params(exp.resources)
-  if params is None:
+  start = exp.method.initial_weights(exp.resources)
+  if start is None:
     init = jax.jit(exp.init_state_fn(), out_shardings=exp.state_shardings).lower(rng)
     args = (rng,)
   else:
-    # An argument, not a closure: a closed-over array would be baked into the program as a constant.
-    init = jax.jit(lambda key, params: exp.init_state_fn(params)(key),
-                   in_shardings=(sharding.replicated(exp.mesh), exp.state_shardings.params),
-                   out_shardings=exp.state_shardings).lower(rng, params)
-    args = (rng, params)
+    # Arguments, not closures: a closed-over array would be baked into the program as a constant.
+    ema = start.params if start.ema is None else start.ema
+    init = jax.jit(lambda key, params, ema: exp.init_state_fn(params, ema)(key),
+                   in_shardings=(sharding.replicated(exp.mesh), exp.state_shardings.params,
+                                 exp.state_shardings.params),
+                   out_shardings=exp.state_shardings).lower(rng, start.params, ema)
+    args = (rng, start.params, ema)
   # Init runs once: on XLA:CPU, compiling its ~100 random draws unoptimised takes 5x less time and
   # gives the same bits (threefry is integer arithmetic).
   options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None

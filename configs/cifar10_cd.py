@@ -6,6 +6,11 @@ r"""Consistency distillation on CIFAR-10 (CM paper, Table 1/3): variants `lpips`
 Batch 512, 800k steps, RAdam 4e-4 (2e-4 for L1), no warmup, N = 18, Heun teacher step, target
 mu = 0, eval EMA 0.9999, dropout 0. Reference FID: 3.55 (1 step) / 2.93 (2 steps, ts = 0, 11, 17) with
 LPIPS. LPIPS needs the converted weights (see README, evaluation).
+
+As openai/consistency_models_cifar10: the student's online weights start from the teacher's online
+weights and its EMA from the teacher's EMA (teacher.student_init); LPIPS max-pools and upsamples
+[-1, 1] images to 224. Kept different: the EDM teacher's loss averages over pixels where the
+reference sums (equivalent under Adam but for its eps; see configs/cifar10_edm.py).
 """
 
 from configs import cifar10_edm, default
@@ -18,6 +23,7 @@ def get_config(distance: str = 'lpips'):
   cifar10_edm.cifar10_ncsnpp(config.model)
   config.model.dropout = 0.0
   config.teacher.config = 'configs/cifar10_edm.py'
+  config.teacher.student_init = 'online_and_ema'
   c = config.consistency
   c.num_scales = 18
   c.teacher_solver = 'heun'

@@ -95,13 +95,21 @@ def get_config() -> ml_collections.ConfigDict:
   cons.p_mean = -1.1
   cons.p_std = 2.0
   cons.teacher_solver = 'heun'  # 'heun' | 'euler' (CD only)
+  # LPIPS's pooling between VGG stages: 'max' (the lpips package, the CIFAR-10 reference) or 'avg'
+  # (piq.LPIPS(replace_pooling=True), the ImageNet-64 and LSUN reference).
+  cons.lpips_pooling = 'max'
 
-  # The EDM teacher of a CD run.
+  # The EDM teacher run: the one a CD run distils, or the one whose weights a CT run starts from
+  # (when set; CT runs from scratch otherwise).
   config.teacher = teacher = ml_collections.ConfigDict()
   teacher.workdir = ''  # '' means <workdir>/teacher.
   teacher.config = ''  # The teacher run's config file (its model must match this model).
   teacher.train_if_missing = False  # Train the teacher into teacher.workdir first if it is not there.
   teacher.ema_index = 0  # Which of the teacher run's EMA copies to distil.
+  # Where a CD student starts: 'ema' (every copy from that EMA copy, as openai/consistency_models) or
+  # 'online_and_ema' (online params from the teacher's online params, EMA copies from its EMA, as
+  # openai/consistency_models_cifar10).
+  teacher.student_init = 'ema'
 
   config.training = training = ml_collections.ConfigDict()
   training.batch_size = 128  # Global batch over all devices and processes.
@@ -138,6 +146,12 @@ def get_config() -> ml_collections.ConfigDict:
   sampling.batch_size = 500
   sampling.ema_index = 0  # Which EMA copy to sample from; -1 samples the online params.
   sampling.seed = 42
+  # Clamp each consistency-function output to [-1, 1] before it is re-noised (multistep sampling and
+  # the time search), as both reference codebases do.
+  sampling.clip_denoised = True
+  # Clamp the denoiser's output to [-1, 1] at every step of the Heun/Euler ODE sampler, as the
+  # ImageNet-64 / LSUN reference sampler does (the CIFAR-10 reference's does not).
+  sampling.ode_clip_denoised = False
 
   # Device mesh: data parallel over `data`, parameters and optimizer state sharded over `fsdp`.
   config.mesh = mesh = ml_collections.ConfigDict()
@@ -155,6 +169,10 @@ def get_config() -> ml_collections.ConfigDict:
   # precision/recall. Computed once, cached in stats_dir.
   evaluation.ref_split = 'train'
   evaluation.max_ref_images = 50_000
+  # Or a reference batch of the ADM evaluator (openai/guided-diffusion/evaluations: e.g.
+  # VIRTUAL_imagenet64_labeled.npz): FID against its precomputed statistics (mu, sigma), the
+  # ImageNet-64 protocol of the paper; precision/recall against its images (arr_0).
+  evaluation.ref_batch = ''
   # The converted FID Inception (.npz); '' means $CM_JAX_CACHE/inception_v3_fid_2015-12-05.npz.
   evaluation.inception_path = ''
   evaluation.inception_batch_size = 250  # Images per Inception call, over this process's devices.

@@ -5,7 +5,7 @@ r"""Consistency training (CM paper Alg. 3, the 2023 CT) on the embedded digits d
 The paper's CIFAR-10 CT recipe (adaptive N(k) with s0 = 2, s1 = 150, L2 here since LPIPS compares
 ImageNet features of images upsampled to 224 and says little about 8x8 digits) on the digits network
 of configs/digits_edm.py, with one change for a 3000-step budget: the target network is the online
-one under stop-gradient (mu = 0), not the EMA with mu(k) = exp(s0 ln(0.9) / N(k)), which reaches
+one under stop-gradient (mu = 0), not the EMA with mu(k) = exp(s0 ln(0.9) / (N(k) - 1)), which reaches
 0.9986 within a few hundred steps and trails the online network by about 700 steps. In 3000 steps
 (cosine learning-rate decay) that scored digits FD 40.9 (1-step) and 39.1 (2-step) against 1773 and
 1159 with the paper's mu(k); iCT later made mu = 0 its default. The paper's target schedule:

@@ -109,9 +109,68 @@ def test_ict_preempted_run_continues_the_curriculum(tmp_path, digits_data_dir, m
   assert first.preempted and first.step == 3
   resumed = tiny.train(_ct_config(digits_data_dir, 6), str(tmp_path / 'b'))
   assert dict(first.losses + resumed.losses) == dict(full.losses)
-  assert _leaves_equal(full.state.params, resumed.state.params)
+  assert _leaves_equal(full.state.items(), resumed.state.items())  # EMA, optimizer, target too.
   # CT starts from random weights, and with mu = 0 (iCT) the target is the online network.
   assert _leaves_equal(full.state.extra['target_params'], full.state.params)
   # Changing K mid-run would change the curriculum of the remaining steps: refused.
   with pytest.raises(WorkdirError, match='training.num_steps'):
     tiny.train(_ct_config(digits_data_dir, 8), str(tmp_path / 'b'))
+
+
+def _target_ema_runs(data_dir, teacher_dir):
+  """CT with the CIFAR-10 paper run's mu(k) (mu0 = 0.9, N(k) from s0 = 2) and CD with ImageNet-64's
+  fixed mu = 0.95, at tiny size."""
+  ct = tiny.shrink(__import__('configs.cifar10_ct', fromlist=['x']).get_config('l2'), data_dir, 4)
+  ct.data, ct.model = tiny.edm_config(data_dir).data, tiny.edm_config(data_dir).model
+  ct.training.batch_size, ct.training.grad_clip = 16, 1.0
+  ct.consistency.end_scales = 10
+  ct.sampling.ts = (0, 5, 10)  # On the final N = 11 grid.
+  cd = tiny.cd_config(data_dir, teacher_dir, steps=4)
+  cd.consistency.target_ema = 0.95
+  return {'ct': ct, 'cd': cd}
+
+
+@pytest.mark.parametrize('name', ['ct', 'cd'])
+def test_a_target_network_with_mu_above_zero_trails_and_resumes(tmp_path, digits_data_dir,
+                                                                 teacher_dir, monkeypatch, name):
+  config = lambda: _target_ema_runs(digits_data_dir, teacher_dir)[name]
+  full = tiny.train(config(), str(tmp_path / 'a'))
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 2)
+    first = tiny.train(config(), str(tmp_path / 'b'))
+  resumed = tiny.train(config(), str(tmp_path / 'b'))
+  assert first.step == 2 and dict(first.losses + resumed.losses) == dict(full.losses)
+  assert _leaves_equal(full.state.items(), resumed.state.items())  # The target network included.
+  assert not _leaves_equal(full.state.extra['target_params'], full.state.params)  # It trails.
+
+
+@pytest.mark.parametrize('name', ['ct', 'cd'])
+def test_each_step_moves_the_target_by_mu(digits_data_dir, teacher_dir, name):
+  """theta- <- mu theta- + (1 - mu) theta after each update, with mu(k) of the run's schedule:
+  0.81, then 0.9^(2 / (N(k) - 1)), for CT (the reference's formula); 0.95 for CD."""
+  import jax.numpy as jnp
+  from cm_jax import consistency, experiment, trainer
+  config = _target_ema_runs(digits_data_dir, teacher_dir)[name]
+  config.teacher.workdir = teacher_dir
+  exp = experiment.build(config, '/tmp/unused')
+  frozen = exp.load_frozen()
+  state = jax.jit(exp.init_state_fn())(jax.random.PRNGKey(0))
+  state = state.replace(extra={'target_params': jax.tree.map(lambda p: p + 0.1, state.params)})
+  step_fn = trainer.make_train_step(exp, trainer.frozen_shardings_of(frozen))
+  batch = {'image': jnp.zeros((16, 8, 8, 1)) + jnp.linspace(-1, 1, 64).reshape(1, 8, 8, 1),
+           'label': jnp.zeros((16,), jnp.int32)}
+  mus = []
+  for k in range(3):
+    old_target = jax.tree.map(np.asarray, state.extra['target_params'])  # The step donates state.
+    state, metrics = step_fn(state, frozen, batch, jnp.int32(k))
+    mu = float(metrics['target_ema'])
+    mus.append(mu)
+    expected = jax.tree.map(lambda t, p: mu * t + (1 - mu) * p, old_target, state.params)
+    for a, b in zip(jax.tree.leaves(state.extra['target_params']), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  if name == 'cd':
+    assert mus == pytest.approx([0.95] * 3)
+  else:
+    n = [int(consistency.num_scales_at(config.consistency, k, 4)) for k in range(3)]
+    assert mus[0] == pytest.approx(0.81, rel=1e-6)
+    assert mus == pytest.approx([0.9 ** (2 / max(m - 1, 1)) for m in n], rel=1e-6)

@@ -40,10 +40,18 @@ def test_ct_num_scales_hand_computed():
   assert n(1) == 6  # sqrt(22797 / 1000 + 4) = 5.18 -> ceil(4.18) + 1.
 
 
-def test_ct_target_ema_hand_computed():
-  assert float(consistency.ct_target_ema(2, 2, 0.9)) == pytest.approx(0.9, rel=1e-6)
-  assert float(consistency.ct_target_ema(151, 2, 0.9)) == pytest.approx(0.9 ** (2 / 151), rel=1e-6)
-  assert float(consistency.ct_target_ema(201, 2, 0.95)) == pytest.approx(0.95 ** (2 / 201), rel=1e-6)
+def test_ct_target_ema_follows_the_reference_code():
+  # openai/consistency_models(_cifar10): exp(s0 ln mu0 / scales) with scales = N - 1, max 1.
+  assert float(consistency.ct_target_ema(2, 2, 0.9)) == pytest.approx(0.81, rel=1e-6)  # mu(0), CIFAR-10.
+  assert float(consistency.ct_target_ema(2, 2, 0.95)) == pytest.approx(0.9025, rel=1e-6)  # ImageNet 64.
+  assert float(consistency.ct_target_ema(151, 2, 0.9)) == pytest.approx(0.998596, abs=1e-6)
+  assert float(consistency.ct_target_ema(201, 2, 0.95)) == pytest.approx(0.95 ** (2 / 200), rel=1e-6)
+  assert float(consistency.ct_target_ema(1, 2, 0.9)) == pytest.approx(0.81, rel=1e-6)  # The clamp.
+  # At a schedule step: cifar10_ct's first step.
+  from configs import cifar10_ct
+  c = cifar10_ct.get_config().consistency
+  n0 = consistency.num_scales_at(c, 0, 800_000)
+  assert int(n0) == 2 and float(consistency.target_ema_at(c, n0)) == pytest.approx(0.81, rel=1e-6)
 
 
 def test_ict_curriculum_first_doubling_last():
@@ -281,3 +289,38 @@ def test_cd_with_exact_teacher_learns_the_pf_ode_endpoint():
   x = jax.random.normal(jax.random.PRNGKey(5), (4, 2, 2, 1))
   np.testing.assert_array_equal(np.asarray(model.consistency(params, x, jnp.full((4,), 0.002))),
                                 np.asarray(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole iCT loss at a known value.
+# --------------------------------------------------------------------------------------------------
+def test_ict_loss_at_a_known_value():
+  """Log-normal indices, the N(k) curriculum, 1/(sigma_hi - sigma_lo) and pseudo-Huber together,
+  recomputed in float64 numpy from the same random draws."""
+  from configs import cifar10_ict
+  cons = cifar10_ict.get_config().consistency
+  shape = (4, 4, 4, 1)  # data(4)'s: d = 16 values per example.
+  loss_fn = consistency.ConsistencyLoss(cons, noise_config(), 400_000,
+                                        consistency.make_distance(cons, shape[1:]))
+  params = {'scale': jnp.float32(0.3), 'offset': jnp.float32(-0.2)}
+  x0, rng, step = data(4), jax.random.PRNGKey(7), 120_000
+  loss, aux = loss_fn(exact_cm_fn, params, params, x0, rng, step)
+
+  n = 10 * 2 ** (120_000 // 50_000) + 1  # iCT eq. 11: K' = 400k / (log2(128) + 1) = 50k; N = 41.
+  assert int(aux['num_scales']) == n
+  idx_rng, noise_rng, _ = jax.random.split(rng, 3)
+  probs = np.zeros(1280)
+  probs[:n - 1] = lognormal_probs_reference(n)
+  with np.errstate(divide='ignore'):
+    idx = np.asarray(jax.random.categorical(idx_rng, jnp.log(jnp.asarray(probs)), shape=(4,)))
+  grid = (80.0 ** (1 / 7) + np.arange(n) / (n - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+  hi, lo = grid[idx], grid[idx + 1]
+  z = np.asarray(jax.random.normal(noise_rng, shape), np.float64)
+  x = np.asarray(x0, np.float64)
+  # The exact Gaussian consistency function, scaled and offset by the params.
+  f = lambda y, s: (MU + np.sqrt(S0 ** 2 + 0.002 ** 2) / np.sqrt(S0 ** 2 + s[:, None, None, None] ** 2)
+                    * (y - MU)) * 1.3 - 0.2
+  diff = (f(x + hi[:, None, None, None] * z, hi) - f(x + lo[:, None, None, None] * z, lo)).reshape(4, -1)
+  c = 0.00054 * math.sqrt(16)
+  expected = np.mean((np.sqrt((diff ** 2).sum(axis=1) + c ** 2) - c) / (hi - lo))
+  assert float(loss) == pytest.approx(expected, rel=2e-4)

@@ -331,15 +331,25 @@ def test_edit_mode_end_to_end(tmp_path, digits_data_dir):
   with np.load(os.path.join(results['inpainting']['dir'], 'edits.npz')) as npz:
     assert npz['result'].shape == (10, 8, 8, 1) and npz['result'].dtype == np.uint8
     np.testing.assert_array_equal(npz['result'][:, :4], npz['reference'][:, :4])  # Known upper half.
-    np.testing.assert_array_equal(npz['input'][:, 4:], 128)  # The hole, shown mid-grey (0).
+    np.testing.assert_array_equal(npz['input'][:, 4:], 127)  # The hole, shown mid-grey (0).
+    inpainted, reference = npz['result'], npz['reference']
   with np.load(os.path.join(results['superres']['dir'], 'edits.npz')) as npz:
     means = lambda a: editing.patch_means(a.astype(np.float64), 2)
     assert np.abs(means(npz['result']) - means(npz['reference'])).max() <= 1.0  # uint8 rounding.
     assert npz['draws'].shape == (2, 10, 8, 8, 1)
     np.testing.assert_array_equal(npz['draws'][0], npz['result'])
   assert results['superres']['num_draws'] == 2 and 'rmse_mean_of_draws' in results['superres']
-  for task in ('inpainting', 'superres', 'denoising'):
-    assert results[task]['rmse'] > 0 and results[task]['baseline_rmse'] > 0
+  # The recorded errors are those of the written images (uint8: within half a level, 1/510) and of
+  # the baseline recomputed here from the real images.
+  to_unit = lambda a: a.astype(np.float64) / 127.5 - 1.0
+  mask = editing.named_mask('lower_half', 8)
+  assert results['inpainting']['rmse'] == pytest.approx(
+      editing.region_rmse(to_unit(inpainted), to_unit(reference), mask), abs=1 / 255)
+  assert results['inpainting']['baseline_rmse'] == pytest.approx(
+      editing.region_rmse(editing.mean_fill(to_unit(reference), mask), to_unit(reference), mask),
+      abs=1e-6)
+  for task in ('superres', 'denoising'):
+    assert 0 < results[task]['rmse'] < 1 and 0 < results[task]['baseline_rmse'] < 1
   assert results['interpolation']['num_images'] == 15  # 5 pairs x 3 points.
   # Files of the wrong size are refused before anything is restored.
   _save(tmp_path / 'big.png', np.zeros((16, 16), np.uint8))

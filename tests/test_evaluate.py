@@ -178,8 +178,15 @@ def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
     scores = result['metrics']
     assert set(scores) == {'fid', 'inception_score', 'inception_score_std', 'precision', 'recall'}
     assert all(np.isfinite(v) for v in scores.values()), scores
-    assert scores['fid'] > 0 and scores['inception_score'] >= 1.0
+    # Samples of a 2-step model against real images: far apart, whatever the (random) Inception.
+    assert scores['fid'] > 1.0 and scores['inception_score'] >= 1.0
     assert 0 <= scores['precision'] <= 1 and 0 <= scores['recall'] <= 1
+    # The reference images themselves score as a perfect generator: FID 0, precision = recall = 1.
+    real, _ = data.load_split(config.data, 'train', process_index=0, process_count=1)
+    real_npz = outputs.write_samples(str(tmp_path / 'real'), real, None)
+    perfect = eval_mode.run(config, workdir, real_npz)['samples_20x32x32x3']['metrics']
+    assert perfect['fid'] == pytest.approx(0.0, abs=1e-3)
+    assert (perfect['precision'], perfect['recall']) == (1.0, 1.0)
 
     # The reference statistics: the 20 mock train images, cached under <workdir>/stats.
     stats_path = result['reference_stats']
@@ -189,6 +196,8 @@ def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
       assert stats['mu'].shape == (2048,) and stats['sigma'].shape == (2048, 2048)
     reads = load_split.call_count
     mtime = os.path.getmtime(stats_path)
+    with np.load(stats_path) as stats:
+      np.testing.assert_allclose(stats['mu'], stats['features'].mean(axis=0), rtol=1e-5, atol=1e-6)
 
     # The written npz scores the same as sampling did, from the cached statistics.
     second = eval_mode.run(config, workdir, result['samples_npz'])
@@ -270,3 +279,34 @@ def test_two_processes_gather_features_in_order(tmp_path, digits_data_dir):
       np.testing.assert_array_equal(got['samples'], expected_samples)
       np.testing.assert_array_equal(got['reference'], expected_reference)
       assert int(got['total']) == total
+
+
+def test_a_reference_batch_gives_its_own_statistics(tmp_path):
+  """eval.ref_batch (the ADM evaluator's VIRTUAL_imagenet64_labeled.npz format): FID against the
+  file's mu and sigma, precision/recall against features of its images; cached by the file's hash."""
+  config = default.get_config()
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (30, 8, 8, 1), dtype=np.uint8)
+  mu, root = rng.normal(size=192), rng.normal(size=(192, 192))
+  path = tmp_path / 'VIRTUAL_digits.npz'
+  np.savez(path, arr_0=images, mu=mu, sigma=root @ root.T)
+  config.eval.ref_batch = str(path)
+  fake = (pixel_features, {})
+  first = image_metrics.reference_stats(config, str(tmp_path / 'run'), fake, '0' * 64)
+  np.testing.assert_array_equal(first['mu'], mu)
+  np.testing.assert_array_equal(first['sigma'], root @ root.T)
+  np.testing.assert_array_equal(first['features'],
+                                np.repeat(images.astype(np.float32), 3, axis=-1).reshape(30, -1))
+  assert first['computed'] and 'refbatch-' in os.path.basename(first['path'])
+  again = image_metrics.reference_stats(config, str(tmp_path / 'run'), fake, '0' * 64)
+  assert not again['computed']
+  np.savez(path, arr_0=images, mu=mu + 1, sigma=root @ root.T)  # Another file: recomputed.
+  other = image_metrics.reference_stats(config, str(tmp_path / 'run'), fake, '0' * 64)
+  assert other['computed'] and other['path'] != first['path']
+  np.savez(path, arr_0=images)
+  with pytest.raises(ConfigError, match=r"lacks \['mu', 'sigma'\]"):
+    image_metrics.reference_stats(config, str(tmp_path / 'run2'), fake, '0' * 64)
+  config.data.name = 'cifar10'  # Only image datasets read it (the digits metric has its own).
+  config.eval.ref_batch = str(tmp_path / 'missing.npz')
+  with pytest.raises(ConfigError, match='eval.ref_batch=.*does not exist'):
+    image_metrics.check_eval_config(config)

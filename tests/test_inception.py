@@ -381,9 +381,9 @@ def test_real_weights_parity(tmp_path):
 
 
 def test_reference_matches_the_pytorch_fid_package(reference):
-  """Our torch reference against pytorch-fid's own blocks (needs torchvision)."""
-  pytest.importorskip('torchvision', reason='pytorch-fid builds on torchvision, not installed here')
-  fid_inception = pytest.importorskip('pytorch_fid.inception')
+  """Our torch reference against pytorch-fid's own blocks (requirements-test.txt installs it and the
+  torchvision it builds on: a missing one fails here)."""
+  from pytorch_fid import inception as fid_inception  # pylint: disable=g-import-not-at-top
   net = fid_inception._inception_v3(num_classes=1008, aux_logits=False, weights=None)
   net.Mixed_5b = fid_inception.FIDInceptionA(192, pool_features=32)
   net.Mixed_5c = fid_inception.FIDInceptionA(256, pool_features=64)

@@ -10,6 +10,7 @@ linear heads are the real `lpips/weights/v0.1/vgg.pth` when the lpips package
 files are installed (`pip install --no-deps lpips`), random otherwise.
 """
 
+import copy
 import os
 import pathlib
 
@@ -257,9 +258,9 @@ def test_real_vgg16_parity(tmp_path, reference):
 
 
 def test_reference_matches_the_lpips_package(reference):
-  """Our torch reference against lpips.LPIPS itself (needs torchvision)."""
-  pytest.importorskip('torchvision', reason='the lpips package imports torchvision, not installed here')
-  lpips_package = pytest.importorskip('lpips')
+  """Our torch reference against lpips.LPIPS itself (its package and torchvision are installed by the
+  README's test command: a missing one fails here)."""
+  import lpips as lpips_package  # pylint: disable=g-import-not-at-top
   net = lpips_package.LPIPS(net='vgg', pnet_rand=True, verbose=False)
   net.load_state_dict(reference['model'].state_dict(), strict=False)
   x, y = _images(14, (2, 32, 32, 3)), _images(15, (2, 32, 32, 3))
@@ -267,3 +268,51 @@ def test_reference_matches_the_lpips_package(reference):
   with torch.no_grad():
     expected = net(to_torch(x), to_torch(y)).reshape(-1).numpy()
   np.testing.assert_allclose(_torch_distance(reference['model'], x, y, None), expected, rtol=1e-6)
+
+
+def test_average_pooling_matches_torch_with_avgpool(reference):
+  """piq.LPIPS(replace_pooling=True), the ImageNet-64 reference: every max pool an average pool."""
+  features = copy.deepcopy(reference['model'].net)
+  for block in (getattr(features, f'slice{k}') for k in range(1, 6)):
+    for name, layer in block.named_children():
+      if isinstance(layer, nn.MaxPool2d):
+        setattr(block, name, nn.AvgPool2d(kernel_size=2, stride=2))
+  model = copy.deepcopy(reference['model'])
+  model.net = features
+  x, y = _images(16, (2, 32, 32, 3)), _images(17, (2, 32, 32, 3))
+  expected = _torch_distance(model, x, y, resize_to=None)
+  actual = np.asarray(lpips.lpips_distance(reference['params'], x, y, resize_to=None,
+                                           precision=jax.lax.Precision.HIGHEST, pooling='avg'))
+  np.testing.assert_allclose(actual, expected, rtol=RTOL)
+  assert np.abs(actual - _jax_distance(reference['params'], x, y, None)).min() > 1e-4
+
+
+def test_the_consistency_loss_feeds_lpips_images_in_minus_one_to_one(reference):
+  """f's outputs go to LPIPS as they are ([-1, 1], the scaling layer's range: piq's normalisation of
+  (x + 1) / 2 is the same map), upsampled to 224 from 8x8."""
+  from cm_jax import consistency
+  from cm_jax.methods import consistency_model
+  from configs import default
+  cons = default.get_config().consistency
+  cons.distance, cons.num_scales = 'lpips', 18
+  distance = consistency.make_distance(cons, (8, 8, 3), consistency_model.WEIGHTED_DISTANCES)
+  loss_fn = consistency.ConsistencyLoss(cons, default.get_config().noise, 10, distance)
+  fn = lambda p, x, sigma, rng: jnp.tanh(x * p)  # Outputs in [-1, 1] that differ between the pair.
+  x0 = jnp.asarray(_images(18, (2, 8, 8, 3)))
+  rng = jax.random.PRNGKey(0)
+  loss, _ = loss_fn(fn, 1.0, 1.0, x0, rng, 0, None, reference['params'])
+  idx_rng, noise_rng, _ = jax.random.split(rng, 3)
+  idx = jax.random.randint(idx_rng, (2,), 0, 17)
+  grid = karras_sigmas(18)
+  noise = jax.random.normal(noise_rng, x0.shape)
+  online = jnp.tanh(x0 + grid[idx][:, None, None, None] * noise)
+  target = jnp.tanh(x0 + grid[idx + 1][:, None, None, None] * noise)
+  expected = lpips.lpips_distance(reference['params'], online, target)
+  assert float(loss) == pytest.approx(float(jnp.mean(expected)), rel=1e-4)
+  shifted = lpips.lpips_distance(reference['params'], (online + 1) / 2, (target + 1) / 2)
+  assert abs(float(jnp.mean(shifted)) - float(loss)) > 1e-3 * float(loss)  # The range matters.
+
+
+def karras_sigmas(n):
+  from cm_jax import karras
+  return karras.karras_sigmas(n, 0.002, 80.0, 7.0)

@@ -119,6 +119,14 @@ def test_digits_forward_starts_at_zero_with_init_scale_zero(digits):
   bound = np.sqrt(6 / (9 * 32 + 9 * 32))
   assert 0.9 * bound < np.abs(kernel).max() <= bound
   np.testing.assert_allclose(np.std(params['GaussianFourierProjection_0']['W']), 16.0, rtol=0.3)
+  # W = scale * z with z ~ N(0, 1) drawn from the key alone: 4096 draws pin the law, and another
+  # scale (iCT's 0.02) scales the very same draws.
+  t = jnp.zeros((1,))
+  w = {scale: np.asarray(layers.GaussianFourierProjection(embedding_size=4096, scale=scale).init(
+      jax.random.PRNGKey(3), t)['params']['W']) for scale in (16.0, 0.02)}
+  assert np.std(w[16.0] / 16.0) == pytest.approx(1.0, abs=0.04)
+  assert abs(np.mean(w[16.0] / 16.0)) < 0.06
+  np.testing.assert_allclose(w[0.02] / 0.02, w[16.0] / 16.0, rtol=1e-5)
 
 
 def test_labels_change_the_output(digits):

@@ -308,6 +308,8 @@ def test_time_search_on_a_network_compiles_once(digits_data_dir):
   from cm_jax.evaluators.time_search import TimeSearchEvaluator
   from tests import tiny
   config = tiny.cd_config(digits_data_dir, '/nonexistent', steps=2)
+  # Unclamped, the brightness score below is unimodal in the index, as ternary search assumes.
+  config.sampling.clip_denoised = False
   exp = experiment.build(config, '/tmp/unused')
   params = exp.model.init(jax.random.PRNGKey(0), exp.image_shape)
   params = jax.tree.map(lambda p: p + 0.2 * jnp.ones_like(p), params)

@@ -34,8 +34,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, digits_d
   assert [s for s, _ in first.losses] == [0, 1, 2]
   assert [s for s, _ in resumed.losses] == [3, 4, 5]  # Started at the saved step, not from 0.
   assert dict(full.losses) == dict(first.losses + resumed.losses)  # Bitwise on CPU.
-  for a, b in zip(jax.tree.leaves(full.state.params), jax.tree.leaves(resumed.state.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # The whole state, not only the params: the EMA copies that are sampled and the optimizer state.
+  for item, tree in full.state.items().items():
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(resumed.state.items()[item])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=item)
 
 
 def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, digits_data_dir):
@@ -49,7 +51,13 @@ def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, d
   assert os.path.exists(result['grid'])
   assert os.path.isdir(os.path.join(workdir, 'checkpoints', '2'))
   with open(os.path.join(workdir, 'metrics.json')) as f:
-    assert 'digits_fd' in json.load(f)['heun_nfe5']
+    recorded = json.load(f)['heun_nfe5']
+  # The recorded metric is the digits metric of the written samples.
+  from cm_jax.evaluation import digits_metric
+  with np.load(result['npz']) as npz:
+    expected = digits_metric.DigitsMetric(tiny.edm_config(digits_data_dir).data)(npz['arr_0'])
+  assert recorded['digits_fd'] == pytest.approx(expected['digits_fd'], rel=1e-9)
+  assert recorded['digits_classes'] == expected['digits_classes']
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 

@@ -75,9 +75,15 @@ def _normalize_channels(features: jax.Array, eps: float = 1e-10) -> jax.Array:
   return features / (norm + eps)
 
 
+# Pooling between the VGG stages: torchvision's max pooling (the lpips package; the CIFAR-10
+# reference), or average pooling (piq.LPIPS(replace_pooling=True), the ImageNet-64/LSUN reference).
+POOLINGS = {'max': nn.max_pool, 'avg': nn.avg_pool}
+
+
 class LPIPS(nn.Module):
   """LPIPS-VGG16 distance of two NHWC batches in [-1, 1] (no resizing): [B]."""
   precision: Any = None
+  pooling: str = 'max'
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -93,7 +99,7 @@ class LPIPS(nn.Module):
       if index in _TAP_CONVS:
         taps.append(h)
         if index != _TAP_CONVS[-1]:
-          h = nn.max_pool(h, (2, 2), (2, 2))
+          h = POOLINGS[self.pooling](h, (2, 2), (2, 2))
     distance = jnp.zeros((batch,), jnp.float32)
     for layer, tap in enumerate(taps):
       diff = jnp.square(_normalize_channels(tap[:batch]) - _normalize_channels(tap[batch:]))
@@ -104,9 +110,9 @@ class LPIPS(nn.Module):
 
 
 # jit so eager callers get one compiled call; inside a jitted loss it inlines.
-@functools.partial(jax.jit, static_argnames=('resize_to', 'precision'))
+@functools.partial(jax.jit, static_argnames=('resize_to', 'precision', 'pooling'))
 def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | None = 224,
-                   precision: Any = None) -> jax.Array:
+                   precision: Any = None, pooling: str = 'max') -> jax.Array:
   """LPIPS(x, y) per example, as the consistency-models loss uses it.
 
   Args:
@@ -117,6 +123,7 @@ def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | 
       semantics, equal to jax.image.resize when upsampling); None disables it.
     precision: matmul/conv precision (None: the backend default, fast on
       accelerators; jax.lax.Precision.HIGHEST for float32 everywhere).
+    pooling: 'max' or 'avg' (see POOLINGS).
 
   Returns:
     [B] float32 distances; differentiable in x and y.
@@ -134,7 +141,7 @@ def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | 
                                   precision=precision)
     y = inception.resize_bilinear(y.astype(jnp.float32), size, half_pixel=True,
                                   precision=precision)
-  return LPIPS(precision=precision).apply({'params': params}, x, y)
+  return LPIPS(precision=precision, pooling=pooling).apply({'params': params}, x, y)
 
 
 # ----------------------------------------------------------------------------

@@ -50,6 +50,10 @@ def check_eval_config(config: ml_collections.ConfigDict, num_samples: int | None
                       'set --config.eval.num_samples to 2 or more (50000 for the paper\'s FID).')
   if uses_digits_metric(config):
     return
+  if e.ref_batch and not os.path.isfile(e.ref_batch):
+    raise ConfigError(f'eval.ref_batch={e.ref_batch} does not exist: pass the path of a reference batch '
+                      'of the ADM evaluator (e.g. VIRTUAL_imagenet64_labeled.npz), or leave it empty '
+                      'to use the TFDS split eval.ref_split.')
   if e.pr_k < 1 or num <= e.pr_k:
     raise ConfigError(f'Precision/recall with eval.pr_k={e.pr_k} needs pr_k >= 1 and more than pr_k '
                       f'samples, but {where} {num}; raise the number of samples or lower eval.pr_k.')
@@ -97,21 +101,29 @@ def stats_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.eval.stats_dir or os.path.join(workdir, 'stats')
 
 
-def reference_stats_path(config: ml_collections.ConfigDict, workdir: str, inception_sha256: str) -> str:
-  """The cache file of the reference statistics: one per dataset, split, shape, cap and network."""
+def reference_stats_path(config: ml_collections.ConfigDict, workdir: str, inception_sha256: str,
+                         ref_batch_sha256: str = '') -> str:
+  """The cache file of the reference statistics: one per dataset, split, shape, cap and network (or
+  per reference batch file and network)."""
   d = config.data
   safe = lambda s: re.sub(r'[^A-Za-z0-9.=-]+', '_', str(s)).strip('_')
   cap = config.eval.max_ref_images or 'all'
-  name = (f'fid_stats_v{STATS_VERSION}_{safe(d.name)}_{safe(config.eval.ref_split)}_'
-          f'{d.image_size}x{d.image_size}x{d.num_channels}_max{cap}_inception-{inception_sha256[:12]}.npz')
+  source = (f'refbatch-{ref_batch_sha256[:12]}' if ref_batch_sha256 else
+            f'{safe(d.name)}_{safe(config.eval.ref_split)}_max{cap}')
+  name = (f'fid_stats_v{STATS_VERSION}_{source}_{d.image_size}x{d.image_size}x{d.num_channels}_'
+          f'inception-{inception_sha256[:12]}.npz')
   return os.path.join(stats_dir(config, workdir), name)
 
 
-def _stats_identity(config: ml_collections.ConfigDict, inception_sha256: str) -> dict:
+def _stats_identity(config: ml_collections.ConfigDict, inception_sha256: str,
+                    ref_batch_sha256: str = '') -> dict:
   d = config.data
-  return {'version': STATS_VERSION, 'dataset': d.name, 'split': config.eval.ref_split,
-          'image_shape': list(experiment.image_shape_of(config)), 'max_ref_images': config.eval.max_ref_images,
-          'inception_sha256': inception_sha256}
+  identity = {'version': STATS_VERSION, 'image_shape': list(experiment.image_shape_of(config)),
+              'inception_sha256': inception_sha256}
+  if ref_batch_sha256:
+    return {**identity, 'ref_batch_sha256': ref_batch_sha256}
+  return {**identity, 'dataset': d.name, 'split': config.eval.ref_split,
+          'max_ref_images': config.eval.max_ref_images}
 
 
 def _load_stats(path: str, identity: dict) -> dict | None:
@@ -150,15 +162,46 @@ def _reference_features(config: ml_collections.ConfigDict, inception) -> tuple[n
   return sharding.gather_rows(features), total
 
 
+def _reference_batch(config: ml_collections.ConfigDict, inception
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(mu, sigma, pool features of arr_0) of a reference batch of the ADM evaluator (e.g.
+  VIRTUAL_imagenet64_labeled.npz): its precomputed whole-dataset statistics make the FID the
+  paper's; its images (arr_0) are the reference of precision/recall."""
+  path = config.eval.ref_batch
+  with np.load(path, allow_pickle=False) as arrays:
+    missing = {'mu', 'sigma', 'arr_0'} - set(arrays.files)
+    if missing:
+      raise ConfigError(f'eval.ref_batch={path} lacks {sorted(missing)} (it has {arrays.files}); pass '
+                        'a reference batch of the ADM evaluator (arr_0 images, mu, sigma).')
+    mu, sigma, images = arrays['mu'], arrays['sigma'], arrays['arr_0']
+  check_images(images, config, f'eval.ref_batch={path}')
+  share = _local_features(inception, images[sharding.process_share(len(images))],
+                          config.eval.inception_batch_size)['pool']
+  return np.asarray(mu, np.float64), np.asarray(sigma, np.float64), sharding.gather_rows(share)
+
+
+def check_images(images: np.ndarray, config: ml_collections.ConfigDict, what: str) -> None:
+  """uint8 NHWC images of the config's image shape, or a ConfigError saying what was found."""
+  expected = experiment.image_shape_of(config)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
+    raise ConfigError(
+        f'{what} holds images of dtype {images.dtype} and shape {images.shape}; expected uint8 images '
+        f'[N, {", ".join(map(str, expected))}] in [0, 255] (data.image_size={config.data.image_size}, '
+        f'data.num_channels={config.data.num_channels}).')
+
+
 def reference_stats(config: ml_collections.ConfigDict, workdir: str, inception,
                     inception_sha256: str) -> dict[str, Any]:
-  """FID statistics (mu, sigma) and pool features of the reference split, from the cache or computed.
+  """FID statistics (mu, sigma) and pool features of the reference (eval.ref_batch, else the split
+  eval.ref_split), from the cache or computed.
 
   Returns:
     {'mu', 'sigma', 'features', 'split_size', 'path', 'computed'}.
   """
-  path = reference_stats_path(config, workdir, inception_sha256)
-  identity = _stats_identity(config, inception_sha256)
+  from cm_jax.evaluation import inception as inception_lib  # pylint: disable=g-import-not-at-top
+  batch_sha256 = inception_lib.sha256_of_file(config.eval.ref_batch) if config.eval.ref_batch else ''
+  path = reference_stats_path(config, workdir, inception_sha256, batch_sha256)
+  identity = _stats_identity(config, inception_sha256, batch_sha256)
   stats = _load_stats(path, identity)
   if jax.process_count() > 1 and not sharding.gather_rows(np.array([stats is not None])).all():
     # Every process must take the same branch: computing gathers across processes. (A stats_dir
@@ -169,16 +212,20 @@ def reference_stats(config: ml_collections.ConfigDict, workdir: str, inception,
     return {**stats, 'split_size': int(stats['split_size']), 'path': path, 'computed': False}
   from cm_jax.evaluation import metrics  # pylint: disable=g-import-not-at-top
   start = time.time()
-  features, total = _reference_features(config, inception)
-  mu, sigma = metrics.feature_stats(features)
+  if config.eval.ref_batch:
+    mu, sigma, features = _reference_batch(config, inception)
+    total = features.shape[0]
+  else:
+    features, total = _reference_features(config, inception)
+    mu, sigma = metrics.feature_stats(features)
   stats = {'mu': mu, 'sigma': sigma, 'features': features.astype(np.float32), 'split_size': total,
            'identity': json.dumps(identity, sort_keys=True)}
   if jax.process_index() == 0:
     files.write_npz(path, **stats)  # Readers never see half a file.
   sharding.barrier('reference_statistics_written')  # Process 0 may take long: not a collective.
-  logging.info('Reference statistics of %d of %d %s[%s] images in %.1f s, cached in %s.',
-               features.shape[0], total, config.data.name, config.eval.ref_split, time.time() - start,
-               path)
+  logging.info('Reference statistics of %d of %d images of %s in %.1f s, cached in %s.',
+               features.shape[0], total, config.eval.ref_batch or
+               f'{config.data.name}[{config.eval.ref_split}]', time.time() - start, path)
   return {**stats, 'path': path, 'computed': True}
 
 

@@ -6,12 +6,13 @@ class with `@methods.register`.
 """
 
 from cm_jax.errors import choose
-from cm_jax.methods.base import OWN_PARAMS, TEACHER, Method, Resources, Sampler
+from cm_jax.methods.base import OWN_PARAMS, TEACHER, InitialWeights, Method, Resources, Sampler
 from cm_jax.methods.cd import CD
 from cm_jax.methods.ct import CT
 from cm_jax.methods.edm import EDM
 
-__all__ = ['OWN_PARAMS', 'TEACHER', 'Method', 'Resources', 'Sampler', 'get', 'names', 'register']
+__all__ = ['OWN_PARAMS', 'TEACHER', 'InitialWeights', 'Method', 'Resources', 'Sampler', 'get', 'names',
+           'register']
 
 _REGISTERED: dict[str, type[Method]] = {cls.name: cls for cls in (EDM, CD, CT)}
 

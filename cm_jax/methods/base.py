@@ -5,7 +5,7 @@ generic step and loop (cm_jax.trainer) know only this interface:
 
   check_config(config)         refuse settings the method cannot use, before anything is built
   frozen_inputs(resources)     the step's read-only pytrees (a teacher, LPIPS weights), as loaders
-  initial_params(resources)    where the online params start (None: the network's random init)
+  initial_weights(resources)   where the online params and EMA copies start (None: random init)
   init_extra / update_extra    trained pytrees beside params, optimizer state and EMA (a target net)
   loss(...)                    the objective, a pure function of pytrees, a batch, a key and the step
   samplers()                   the samplers the method offers, by name
@@ -33,6 +33,13 @@ OWN_PARAMS = 'own'
 
 
 @dataclasses.dataclass(frozen=True)
+class InitialWeights:
+  """Where a new run's weights start: the online params, and the EMA copies (None: as params)."""
+  params: Any
+  ema: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampler:
   """A named way to draw samples: its function, its network evaluations, and whose params it runs
   (OWN_PARAMS or the name of a frozen input, e.g. TEACHER). `info` is recorded with the samples."""
@@ -45,8 +52,9 @@ class Sampler:
 class Resources(Protocol):
   """Loaders of what a method may need from outside its own run (cm_jax.experiment provides them)."""
 
-  def teacher_params(self) -> Any:
-    """The distillation teacher's params (config.teacher), sharded like the run's params."""
+  def teacher_params(self, online: bool = False) -> Any:
+    """The teacher run's EMA copy teacher.ema_index (or, `online`, its online params), sharded like
+    the run's params."""
 
   def lpips_params(self) -> Any:
     """LPIPS weights, replicated over the mesh."""
@@ -56,9 +64,6 @@ class Method:
   """The base of every method: EDM-style defaults that a method overrides where it differs."""
   name: ClassVar[str]
   default_sampler: ClassVar[str]
-  # Whether the method reads a teacher run (config.teacher); the train mode trains a missing one
-  # first when teacher.train_if_missing is set.
-  uses_teacher: ClassVar[bool] = False
   # Whose denoiser encodes images into noise (editing's interpolation of inputs): OWN_PARAMS, a
   # frozen input's name (a teacher), or None when the method has no PF-ODE to encode with.
   encoder: ClassVar[str | None] = OWN_PARAMS
@@ -76,10 +81,15 @@ class Method:
     del resources
     return {}
 
-  def initial_params(self, resources: Resources) -> Any | None:
-    """The params a new run starts from, or None for the network's random initialisation."""
+  def initial_weights(self, resources: Resources) -> InitialWeights | None:
+    """The weights a new run starts from, or None for the network's random initialisation."""
     del resources
     return None
+
+  def uses_teacher(self) -> bool:
+    """Whether the run reads a teacher run (config.teacher); the train mode trains a missing one
+    first when teacher.train_if_missing is set."""
+    return False
 
   def schedule_needs_num_steps(self) -> bool:
     """Whether the method's schedules depend on training.num_steps (then it cannot change mid-run)."""
@@ -138,6 +148,10 @@ class Method:
   def ode_sampler(self, params_name: str, solver: str) -> Sampler:
     """EDM's deterministic sampler over sampling.num_steps Karras levels of a denoiser's PF-ODE."""
     s, n = self.config.sampling, self.config.noise
-    fn = lambda params, rng, labels, shape: sampling.edm_sample(
-        self.model.denoiser_fn(params, labels), rng, shape, s.num_steps, n, solver)
+
+    def fn(params, rng, labels, shape):
+      denoiser = self.model.denoiser_fn(params, labels)
+      if s.ode_clip_denoised:
+        denoiser = sampling.clipped(denoiser)
+      return sampling.edm_sample(denoiser, rng, shape, s.num_steps, n, solver)
     return Sampler(fn, karras.ode_nfe(s.num_steps, solver), params_name)

@@ -4,15 +4,18 @@ Alg. 1-3). `cd.py` and `ct.py` differ only in where the lower point of a pair co
 
 import numpy as np
 
-from cm_jax import consistency, karras, sampling
+from cm_jax import consistency, errors, karras, sampling
 from cm_jax.errors import ConfigError
 from cm_jax.methods.base import OWN_PARAMS, Method, Sampler
 
 
 def _lpips_distance(cons_config, image_shape):
-  del cons_config, image_shape
+  """LPIPS of images in [-1, 1] (f's outputs, unscaled: the LPIPS scaling layer expects that range,
+  and piq's normalisation of (x + 1) / 2 is the same map), upsampled to 224 when smaller."""
+  del image_shape
   from cm_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top  # Heavy; only when asked.
-  return lambda x, y, params: lpips.lpips_distance(params, x, y)
+  errors.choose(lpips.POOLINGS, cons_config.lpips_pooling, 'consistency.lpips_pooling')
+  return lambda x, y, params: lpips.lpips_distance(params, x, y, pooling=cons_config.lpips_pooling)
 
 
 # Beyond consistency.DISTANCES: the distances that need weights, a frozen input of the step.
@@ -87,9 +90,9 @@ class ConsistencyModel(Method):
     return Sampler(self.multistep_fn(sigmas), len(sigmas), OWN_PARAMS, info or {})
 
   def multistep_fn(self, sigmas):
-    sigma_min = self.config.noise.sigma_min
+    sigma_min, clip = self.config.noise.sigma_min, self.config.sampling.clip_denoised
     return lambda params, rng, labels, shape: sampling.multistep_sample(
-        self.model.consistency_fn(params, labels), rng, shape, sigmas, sigma_min)
+        self.model.consistency_fn(params, labels), rng, shape, sigmas, sigma_min, clip)
 
   def multistep_sigmas(self) -> list[float]:
     """sampling.sigmas, else sampling.ts as indices on the run's final N-grid."""

@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from cm_jax import config_utils, experiment, files, inference, networks, outputs
+from cm_jax import config_utils, files, inference, networks, outputs
 from cm_jax.errors import ConfigError, WorkdirError
 from cm_jax.evaluators import image_metrics
 
@@ -158,13 +158,7 @@ def read_samples(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
     if isinstance(e, ConfigError):
       raise
     raise ConfigError(f'{path} is not a readable npz ({e}).') from e
-  expected = experiment.image_shape_of(config)
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-    raise ConfigError(
-        f'{path} holds arr_0 of dtype {images.dtype} and shape {images.shape}; expected uint8 images '
-        f'[N, {", ".join(map(str, expected))}] in [0, 255] (data.image_size={config.data.image_size}, '
-        f'data.num_channels={config.data.num_channels}). Pass the config of the run that made the '
-        'samples, or convert them: uint8 = round((x + 1) * 127.5) for images in [-1, 1].')
+  image_metrics.check_images(images, config, f'{path} (arr_0)')
   return images
 
 

@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, load_lpips=None,
   # Only training reads batches of training.batch_size: sampling a run on another device count works.
   sharding.check_batch(config.training.batch_size, exp.mesh)
   config_utils.check_workdir(config, workdir, exp.method.schedule_needs_num_steps())
-  if exp.method.uses_teacher:
+  if exp.method.uses_teacher():
     _train_teacher_if_missing(config, workdir)
   final = _final_samplers(exp) if final_samples else {}
   grids = evaluators.create('grid', exp, every=config.training.sample_every)
