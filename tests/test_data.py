@@ -1,5 +1,6 @@
 """Tests of the embedded digits dataset and the input pipeline (offline, CPU, ~20 s)."""
 
+import io
 import os
 import socket
 import subprocess
@@ -10,12 +11,12 @@ from unittest import mock
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cm_jax import data
-from cm_jax.datasets import sklearn_digits
+from cm_jax.datasets import images, sklearn_digits
 from cm_jax.errors import ConfigError, DatasetNotFoundError
 from configs import default
 
@@ -86,8 +87,10 @@ def test_digits_builder_matches_sklearn(digits_dir):
   expected_images, expected_labels = sklearn_digits.load_scaled_digits()
   assert expected_images.max() == 255 and expected_images.min() == 0
   seen = []
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD  # Random access.
   for split in ('train', 'test'):
-    examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    source = builder.as_data_source(split=split)
+    examples = {key: np.stack([example[key] for example in source]) for key in source[0]}
     index = examples['index']
     assert examples['image'].dtype == np.uint8 and examples['image'].shape[1:] == (8, 8, 1)
     np.testing.assert_array_equal(examples['image'], expected_images[index])
@@ -263,13 +266,45 @@ def test_uint8_float_round_trip():
   np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 0.0, 1.001, 7.0])), [0, 128, 255, 255])
 
 
-def test_center_crop_resize():
-  wide = np.zeros((6, 10, 3), np.uint8)
-  wide[:, 2:8] = 200  # The central 6x6 square.
-  cropped = data._center_crop_resize(tf.constant(wide), 6).numpy()  # pylint: disable=protected-access
-  np.testing.assert_array_equal(cropped, np.full((6, 6, 3), 200, np.uint8))
-  resized = data._center_crop_resize(tf.constant(wide), 3).numpy()  # pylint: disable=protected-access
-  np.testing.assert_array_equal(resized, np.full((3, 3, 3), 200, np.uint8))
+def test_adm_resize_is_the_references_center_crop_arr(monkeypatch):
+  """openai/consistency_models center_crop_arr: box-halve while the short side >= 2 * size, bicubic
+  to a short side of `size` (rounding the long side), then the central square."""
+  calls = []
+  resize = PIL.Image.Image.resize
+
+  def recording_resize(image, size, resample=None, **kwargs):
+    calls.append((image.size, tuple(size), resample))
+    return resize(image, size, resample=resample, **kwargs)
+
+  monkeypatch.setattr(PIL.Image.Image, 'resize', recording_resize)
+  rng = np.random.default_rng(0)
+  wide = PIL.Image.fromarray(rng.integers(0, 256, (401, 603, 3), dtype=np.uint8))
+  out = images.center_crop_arr(wide, 64)
+  # 401 >= 128: halve to 301x200; 200 >= 128: halve to 150x100; 100 < 128: bicubic to 96x64.
+  assert calls == [((603, 401), (301, 200), PIL.Image.BOX), ((301, 200), (150, 100), PIL.Image.BOX),
+                   ((150, 100), (96, 64), PIL.Image.BICUBIC)]
+  assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+  # The central square of the last image: columns 16..80 of 96.
+  last = resize(resize(resize(wide, (301, 200), PIL.Image.BOX), (150, 100), PIL.Image.BOX), (96, 64),
+                PIL.Image.BICUBIC)
+  np.testing.assert_array_equal(out, np.asarray(last)[:, 16:80])
+  calls.clear()
+  # The reference's LSUN export: a single box resize of the short side, then the central crop.
+  box = images.box_crop_arr(wide, 64)
+  assert calls == [((603, 401), (96, 64), PIL.Image.BOX)] and box.shape == (64, 64, 3)
+  calls.clear()
+  square = PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+  np.testing.assert_array_equal(images.crop_resize(square, 64, 'adm'), np.asarray(square))
+  assert not calls  # Already the right size: untouched.
+
+
+def test_decode_converts_modes_as_a_fixed_channel_decoder_does():
+  grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  png = io.BytesIO()
+  PIL.Image.fromarray(grey).save(png, format='PNG')
+  rgb = images.decode(png.getvalue(), 8, 3, 'adm')
+  assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+  np.testing.assert_array_equal(images.decode(png.getvalue(), 8, 1, 'adm')[..., 0], grey)
 
 
 @pytest.mark.parametrize('name, size', [('cifar10', 32), ('lsun/bedroom', 16)])
