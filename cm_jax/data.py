@@ -30,6 +30,7 @@ import threading
 import time
 from typing import Any, Iterator
 
+from absl import flags
 from absl import logging
 import grain
 import jax
@@ -223,11 +224,8 @@ class TfdsRecords:
     self.num_examples = len(self._source)
 
   def _example(self, record: bytes) -> tuple[np.ndarray, int]:
-    features = tf.train.Example.FromString(record).features.feature
-    image = image_ops.decode(features['image'].bytes_list.value[0], self._size, self._channels,
-                             self._resize)
-    label = features['label'].int64_list.value[0] if self.has_labels else 0
-    return image, label
+    example = prepare.parse_record(record, self.has_labels)
+    return image_ops.decode(example['image'], self._size, self._channels, self._resize), example['label']
 
   def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [n, size, size, C] images and int32 [n] labels of the examples at `indices`."""
@@ -584,6 +582,10 @@ class InputPipeline:
     dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=loader.num_threads,
                                                         prefetch_buffer_size=loader.prefetch))
     if loader.num_workers > 0:
+      if not flags.FLAGS.is_parsed():
+        # Grain's process workers read its absl flags; a program that parses none (a notebook, a
+        # test) takes their defaults.
+        flags.FLAGS.mark_as_parsed()
       # Processes for decoding that holds the GIL; each gets whole steps, in order.
       dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=loader.num_workers,
                                                                  per_worker_buffer_size=1))

@@ -41,6 +41,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 from PIL import Image
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cm_jax import files
@@ -318,6 +319,29 @@ def resized_name(source: str, image_size: int, resize: str) -> str:
   return f'{re.sub(r"[^A-Za-z0-9]+", "_", source)}_{image_size}_{resize}'
 
 
+def parse_record(record: bytes, has_labels: bool) -> dict[str, Any]:
+  """{'image': encoded bytes, 'label': int} of a serialized TFDS example (a tf.train.Example)."""
+  features = tf.train.Example.FromString(record).features.feature
+  return {'image': features['image'].bytes_list.value[0],
+          'label': features['label'].int64_list.value[0] if has_labels else 0}
+
+
+def raw_examples(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[dict[str, Any]]:
+  """A split's examples in order with their images still encoded, whatever its file format."""
+  has_labels = 'label' in builder.info.features
+  try:
+    source = builder.as_data_source(split=split,
+                                    deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+  except NotImplementedError:  # No random access (TFRecord files): TFDS's sequential reader.
+    dataset = builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    for example in tfds.as_numpy(dataset):
+      yield {'image': example['image'], 'label': int(example['label']) if has_labels else 0}
+    return
+  for index in range(len(source)):
+    yield parse_record(source[index], has_labels)
+
+
 def prepare_resized(source: str, image_size: int, resize: str, data_dir: str = '',
                     out_data_dir: str = '', splits: tuple[str, ...] = (), num_channels: int = 3,
                     threads: int | None = None) -> str:
@@ -338,9 +362,7 @@ def prepare_resized(source: str, image_size: int, resize: str, data_dir: str = '
     return _png(image_ops.crop_resize(image, image_size, resize))
 
   def examples(split: str):
-    dataset = builder.as_dataset(split=split, shuffle_files=False,
-                                 decoders={'image': tfds.decode.SkipDecoding()})
-    rows = tfds.as_numpy(dataset)
+    rows = raw_examples(builder, split)
     window = []
 
     def flush():
