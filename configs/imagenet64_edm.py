@@ -14,7 +14,11 @@ its step count; 610k steps is EDM's 2500 Mimg at this batch. Reference: FID 2.44
 Data: TFDS 'imagenet_resized/64x64' (Chrabaszcz et al. 2017: the ILSVRC-2012 images box-resized to
 64x64, with labels). The reference instead centre-crops and resizes the ILSVRC-2012 originals, and
 orders its labels by WordNet id; this dataset's label order is its own, so released reference
-checkpoints' class indices do not carry over. ('downsampled_imagenet/64x64' has no labels.)
+checkpoints' class indices do not carry over. ('downsampled_imagenet/64x64' has no labels.) The FID
+above is the reference's on its own data: for that data, resize TFDS imagenet2012 once as the
+reference does (`python -m cm_jax.datasets.prepare --source=imagenet2012 --image_size=64
+--resize=adm --data_dir=...`, README "Real datasets") and train with
+--config.data.name=imagenet2012_64_adm --config.data.eval_split=validation.
 """
 
 from configs import default

@@ -18,13 +18,12 @@ Memory: the float32 params, RAdam moments and 3 EMA copies are 12.6 GB, replicat
 default (an 80 GB+ GPU holds them and a per-device batch of 32 in bfloat16). On smaller accelerators
 (e.g. TPU v4/v5e) shard them with --config.mesh.fsdp=8 (or the devices of one host).
 
-Data: TFDS 'lsun/bedroom' or 'lsun/cat' (train split; about 3.0M and 1.7M images whose short side
-is 256), each image cropped to its central 256x256 square as the reference does, flipped at random.
-The reference trains on its own export of the LSUN lmdb files (datasets/lsun_bedroom.py: a box resize
-of the short side to 256, then the central crop; for these images the same pixels); TFDS stores the
-lmdb's JPEG/WebP bytes unchanged, which cm_jax decodes with PIL as the reference does. No FID is
-reported for the teacher in the paper; its CD students: bedroom 7.80 / 5.22, cat 11.0 / 8.84 (1 / 2
-steps).
+Data: TFDS 'lsun/bedroom' or 'lsun/cat' (train split; about 3.0M and 1.7M images), flipped at random.
+The reference trains on its own export of the LSUN lmdb files (datasets/lsun_bedroom.py: one box
+resize of the short side to 256, then the central 256x256 crop; its loader's center_crop_arr leaves
+those unchanged): data.resize='box' does exactly that, on the fly, to the lmdb's JPEG/WebP bytes that
+TFDS stores unchanged, decoded with PIL as the reference does. No FID is reported for the teacher in
+the paper; its CD students: bedroom 7.80 / 5.22, cat 11.0 / 8.84 (1 / 2 steps).
 """
 
 from configs import default
@@ -43,7 +42,7 @@ def lsun_data(config, category: str) -> None:
   config.data.image_size = 256
   config.data.num_channels = 3
   config.data.random_flip = True  # The reference's image loader flips at random.
-  config.data.resize = 'adm'  # center_crop_arr, the reference's loader (a crop at this size).
+  config.data.resize = 'box'  # The reference's LSUN export (datasets/lsun_bedroom.py).
   config.data.num_classes = 0
   config.data.split = 'train'
   # Edit inputs: TFDS lsun/bedroom has 300 validation images; lsun/cat has only a train split.

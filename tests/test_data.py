@@ -340,7 +340,13 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
       sys.exit('no ConfigError for a batch of 6 on 4 devices')
     except data.ConfigError as e:
       assert 'multiple of 4' in str(e), e
-    batch = data.InputPipeline(config, 64, 0, sharding).get_batch(30)
+    pipeline = data.InputPipeline(config, 64, 0, sharding)
+    batch = pipeline.get_batch(30)
+    prefetched = next(pipeline.batches(30, 40))  # The read-ahead path gives the same rows.
+    for name in batch:
+      assert all(np.array_equal(a.data, b.data) for a, b in
+                 zip(batch[name].addressable_shards, prefetched[name].addressable_shards)), name
+    pipeline.close()
     pieces = {}
     for name, array in batch.items():
       for shard in array.addressable_shards:

@@ -23,7 +23,7 @@ def test_full_size_configs_are_the_reference_runs():
   edm, cd, ct = (m.get_config() for m in (lsun_bedroom256_edm, lsun_bedroom256_cd,
                                            lsun_bedroom256_ct))
   for config in (edm, cd, ct):
-    assert (config.data.name, config.data.image_size, config.data.resize) == ('lsun/bedroom', 256, 'adm')
+    assert (config.data.name, config.data.image_size, config.data.resize) == ('lsun/bedroom', 256, 'box')
     assert config.model.dtype == 'bfloat16' and config.training.batch_size == 256
     assert config.training.optimizer == 'radam' and config.noise.noise_cond_scale == 1000.0
   assert (edm.model.dropout, edm.training.lr, edm.sampling.num_steps) == (0.1, 1e-4, 40)
