@@ -7,8 +7,9 @@ at most LOADER_BOUND: the input pipeline's buffers, whatever the dataset's size 
 docstring), i.e. (prefetch 4 + device prefetch 2 + 2 in hand) batches of 8 x 256 x 256 x 3 bytes as
 uint8 (13 MB) plus their float32 copies on the (CPU) device (19 MB) and the decoding threads' images,
 plus 8 bytes per example of cached epoch permutations (0.5 MB here). The bound leaves room for
-allocator noise; holding the split would add 3.7 GB. Measured on the 2-core machine: 98 MB more for
-the large dataset (peaks 3.45 GB and 3.55 GB; the process itself, mostly XLA's, is the rest).
+allocator noise; holding the split would add 3.7 GB. Measured on the 2-core machine: 98 and 109 MB more for
+the large dataset in two runs (peaks 3.4 GB and 3.5 GB; the process itself, mostly XLA's, is the
+rest).
 """
 
 import io
