@@ -508,15 +508,9 @@ class InputPipeline:
         data does not match data.image_size / num_channels (see `load_split`).
       DatasetNotFoundError: see `load_split`.
     """
-    self.process_index = jax.process_index() if process_index is None else process_index
-    self.process_count = jax.process_count() if process_count is None else process_count
-    self._simulated = (self.process_index, self.process_count) != (jax.process_index(),
-                                                                   jax.process_count())
-    if not 0 <= self.process_index < self.process_count:
-      raise ValueError(f'process_index={self.process_index} not in [0, {self.process_count}).')
+    self._set_process(process_index, process_count)
     if not isinstance(seed, (int, np.integer)) or seed < 0:
       raise ConfigError(f'The data seed must be a non-negative integer, got {seed!r}.')
-
     _check_global_batch(global_batch_size, sharding, self.process_count)
     self._loader = _loader_options(data_config)
 
@@ -539,6 +533,15 @@ class InputPipeline:
     self._reader = BatchReader(records, global_batch_size, self.seed, self._local_rows(sharding),
                                bool(data_config.random_flip))
     self._open: list[Any] = []  # Iterators of `batches` not yet closed.
+
+  def _set_process(self, process_index: int | None, process_count: int | None) -> None:
+    """This process, or the one of several that a test simulates."""
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self._simulated = (self.process_index, self.process_count) != (jax.process_index(),
+                                                                   jax.process_count())
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f'process_index={self.process_index} not in [0, {self.process_count}).')
 
   def _local_rows(self, sharding: jax.sharding.NamedSharding) -> np.ndarray:
     """Rows of the global batch this (possibly simulated) process provides."""

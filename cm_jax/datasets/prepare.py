@@ -214,17 +214,13 @@ def prepare_folder(data_config: ml_collections.ConfigDict, threads: int | None =
     if bad and policy == 'refuse':
       raise _Refused()
 
-  features = {'image': tfds.features.Image(shape=(size, size, channels), encoding_format='png'),
-              'path': tfds.features.Text()}
-  if classes:
-    features['label'] = tfds.features.ClassLabel(names=classes)
   report = {'source': folder, 'fingerprint': fingerprint(folder, entries), 'image_size': size,
             'num_channels': channels, 'resize': resize, 'classes': classes,
             'num_image_files': len(entries), 'ignored': ignored}
   dataset_dir = os.path.join(root, name)
   try:
     tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version=VERSION, features=tfds.features.FeaturesDict(features),
+        name=name, version=VERSION, features=_folder_features(size, channels, classes),
         split_datasets={'train': examples()}, data_dir=root, file_format='array_record',
         disable_shuffling=True,  # Records in sorted file order: the training order is ours.
         description=f'The images of {folder}, prepared by cm_jax.datasets.prepare ({size}x{size}, '
@@ -244,6 +240,14 @@ def prepare_folder(data_config: ml_collections.ConfigDict, threads: int | None =
                      lambda f: json.dump(report, f, indent=1))
   _tell(report, name, root, time.time() - start)
   return report
+
+
+def _folder_features(size: int, channels: int, classes: list[str]) -> tfds.features.FeaturesDict:
+  features = {'image': tfds.features.Image(shape=(size, size, channels), encoding_format='png'),
+              'path': tfds.features.Text()}
+  if classes:
+    features['label'] = tfds.features.ClassLabel(names=classes)
+  return tfds.features.FeaturesDict(features)
 
 
 def _tell(report: dict, name: str, root: str, seconds: float | None = None) -> None:
