@@ -5,7 +5,9 @@ ADM U-Net of the ImageNet and LSUN runs, adm.py), or one of the two variants of 
 which `cm_jax.convert` loads EDM's networks into: 'songunet' (NCSN++ / DDPM++ whose class labels enter
 before the noise embedding's MLP, as EDM's SongUNet) and 'dhariwalunet' (ADM as EDM's DhariwalUNet: GroupNorm
 with min(32, C // 4) groups, C // num_head_channels attention heads and no attention layer where that
-is 0; the same as 'adm' where every attended layer has at least num_head_channels channels and 128). Without labels
+is 0; the same as 'adm' where every attended layer has at least num_head_channels channels and 128).
+'edm2' is EDM2's magnitude-preserving U-Net (edm2.py), for NVlabs/edm2 networks (nf, ch_mult,
+num_res_blocks, attn_resolutions, num_head_channels, dropout, num_classes and dtype apply). Without labels
 'songunet' is 'ncsnpp'.
 
 Usage:
@@ -27,9 +29,10 @@ import ml_collections
 from cm_jax.errors import ConfigError, choose
 from cm_jax.networks import adm, layers
 from cm_jax.networks.adm import ADM
+from cm_jax.networks.edm2 import EDM2UNet
 from cm_jax.networks.ncsnpp import NCSNpp
 
-__all__ = ['ADM', 'NCSNpp', 'RUNTIME_FIELDS', 'get_network']
+__all__ = ['ADM', 'EDM2UNet', 'NCSNpp', 'RUNTIME_FIELDS', 'get_network']
 
 # Fields of config.model that change how a network is trained or computed, not what trained weights
 # compute: two runs whose config.model differs only in these hold interchangeable weights.
@@ -279,9 +282,33 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int, edm_groups: b
   )
 
 
+def _edm2(model_config: ml_collections.ConfigDict, image_size: int) -> EDM2UNet:
+  nf = _positive_int(model_config, 'nf')
+  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
+  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
+  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
+  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
+  resolutions = _levels(image_size, ch_mult, attn_resolutions)
+  head_channels = _heads_setting(model_config, 'num_head_channels')
+  if head_channels < 1:
+    raise ConfigError("config.model.num_head_channels must be positive for 'edm2' (EDM2's "
+                      f'channels_per_head, 64 in its released networks), got {head_channels}.')
+  # The lowest level always attends (its first decoder block), the others at attn_resolutions.
+  attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
+  for width in sorted(attended | {nf * ch_mult[-1]}):
+    heads = width // head_channels
+    if not heads or width % heads:
+      raise ConfigError(f'config.model.num_head_channels={head_channels} gives {heads} heads to an '
+                        f'attention layer of {width} channels; use a divisor of {width}.')
+  return EDM2UNet(nf=nf, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                  attn_resolutions=attn_resolutions, num_head_channels=head_channels,
+                  dropout=_dropout(model_config), num_classes=num_classes, dtype=_dtype(model_config))
+
+
 _NETWORKS = {
     'ncsnpp': _ncsnpp,
     'adm': _adm,
     'songunet': lambda model_config, image_size: _ncsnpp(model_config, image_size, True),
     'dhariwalunet': lambda model_config, image_size: _adm(model_config, image_size, True),
+    'edm2': _edm2,
 }
