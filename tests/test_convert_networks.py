@@ -32,7 +32,8 @@ def _count(tree):
 
 
 def _shapes(tree):
-  return {jax.tree_util.keystr(p): leaf.shape for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path): leaf.shape for path, leaf in flat}
 
 
 @pytest.mark.parametrize('nf, count', [(192, 280_209_253), (256, 497_803_045), (320, 777_492_197),

@@ -33,10 +33,12 @@ def detect_format(path: str) -> str:
   with open(path, 'rb') as f:
     head = f.read(1 << 22)
   if edm.detect(path, head):
-    # The first pickled module is the preconditioner: EDM's are *Precond, EDM2's is Precond + unet.
-    if re.search(rb'(EDM|VP|VE|iDDPM)Precond', head):
+    # The class names of the pickled torch_utils.persistence objects: EDM's preconditioners are
+    # EDMPrecond (VP/VE/iDDPMPrecond: refused by its reader), EDM2's is Precond.
+    classes = set(re.findall(rb'class_name[^A-Za-z]{1,8}([A-Za-z_][A-Za-z0-9_]*)', head))
+    if classes & {b'EDMPrecond', b'VPPrecond', b'VEPrecond', b'iDDPMPrecond'}:
       return edm.NAME
-    if b'Precond' in head and b'unet' in head:
+    if b'Precond' in classes:
       return edm2.NAME
     _, network = edm.load_snapshot(path)
     return edm2.NAME if network.class_name == 'Precond' else edm.NAME

@@ -4,8 +4,9 @@ tree with its checks, the checks of the config against what a file says, and the
 A format (cm_cifar10.py, cm_pytorch.py, edm.py, edm2.py) is a module with NAME, `detect(path, head)`
 and `read(path, config, network: Build) -> Converted`: it reads its file into named NumPy arrays,
 checks what the file says of the config (`check_fields`), and says, for every parameter of the
-config's network, which of the file's tensors it is made of and how (`Rule`). `build_params` then refuses, before anything is written, a file whose tensors do not fit
-that network, naming the first of the file's tensors (in the file's order) that does not fit.
+config's network, which of the file's tensors it is made of and how (`Rule`). `build_params` then
+refuses, before anything is written, a file whose tensors do not fit that network, naming the first
+of the file's tensors (in the file's order) that does not fit.
 """
 
 import dataclasses

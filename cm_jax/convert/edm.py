@@ -51,15 +51,16 @@ _REFUSED_PRECONDS = {
     'VEPrecond': 'VE preconditioning (c_noise = ln(sigma / 2), c_in = 1)',
     'iDDPMPrecond': 'iDDPM preconditioning (c_noise = a timestep index)',
 }
-_SONGUNET_BLOCK = {'GroupNorm_0': 'norm0', 'Conv_0': 'conv0', 'Dense_0': 'affine', 'GroupNorm_1': 'norm1',
-                   'Conv_1': 'conv1', 'Conv_2': 'skip'}
+_SONGUNET_BLOCK = {'GroupNorm_0': 'norm0', 'Conv_0': 'conv0', 'Dense_0': 'affine',
+                   'GroupNorm_1': 'norm1', 'Conv_1': 'conv1', 'Conv_2': 'skip'}
 _DHARIWAL_BLOCK = {'in_norm': 'norm0', 'in_conv': 'conv0', 'emb_proj': 'affine', 'out_norm': 'norm1',
                    'out_conv': 'conv1', 'skip': 'skip'}
 
 
 def detect(path: str, head: bytes) -> bool:
+  """A pickle (not a legacy torch.save stream, whose first object is a long) with an 'ema' entry."""
   del path
-  return head[:1] == b'\x80' and b'ema' in head[:64]
+  return head[:1] == b'\x80' and head[2:3] != b'\x8a' and b'ema' in head
 
 
 def load_snapshot(path: str) -> tuple[dict, torch_pickle.Module]:

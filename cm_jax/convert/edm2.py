@@ -6,9 +6,12 @@ https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/): `edm2-img64-s-1
 (and the autoguidance ones): post-hoc EMA reconstructions, one set of weights each. The ImageNet-512
 networks work in Stable Diffusion's latent space, which cm_jax has no encoder for.
 
-EDM2's UNet becomes cm_jax's 'edm2' network (networks/edm2.py), parameter for parameter: MPConv
-weights as they are stored (they are normalised at every call), in Flax layout; the Fourier features'
-frequencies and phases (buffers); every block's emb_gain and the out_gain. Precond feeds c_in x and
+The pickle is an EasyDict (encoder, dataset_kwargs, loss_fn, ema), its network in float16 (EDM2's
+training loop and reconstruct_phema.py write it so). EDM2's UNet becomes cm_jax's 'edm2' network
+(networks/edm2.py), parameter for parameter, in float32: MPConv weights as they are stored (they are
+normalised at every call), in Flax layout; the Fourier features' frequencies and phases (buffers);
+every block's emb_gain and the out_gain, adjusted so that gain / sqrt(fan_in) is the float16 number
+EDM2 multiplies by (see _gain_as_applied). Precond feeds c_in x and
 c_noise = ln(sigma) / 4 (noise.noise_cond_scale = 1) at its sigma_data. Skipped: the uncertainty head
 (logvar_fourier, logvar_linear), used by EDM2's training loss only.
 """
@@ -33,6 +36,20 @@ _FIXED = dict(channel_mult_noise=None, channel_mult_emb=None, label_balance=0.5,
               res_balance=0.3, attn_balance=0.3, clip_act=256, resample_filter=[1, 1])
 
 
+def _gain_as_applied(gain: np.ndarray, weight: np.ndarray) -> np.ndarray:
+  """A gain such that our gain / sqrt(fan_in) is EDM2's.
+
+  MPConv scales its normalised weight by `gain / np.sqrt(fan_in)`: with the float16 gains of EDM2's
+  snapshots that quotient is a float16 number (a 0-d float16 tensor divided by a Python float), so
+  the released networks run with it rounded to float16 (up to 5e-4 relative).
+  """
+  fan_in = float(np.prod(weight.shape[1:]))
+  if gain.dtype == np.float16:
+    applied = np.float16(gain.astype(np.float32) / np.float32(np.sqrt(fan_in)))  # Float math, rounded.
+    return applied.astype(np.float32) * np.float32(np.sqrt(fan_in))
+  return gain
+
+
 def rules(abstract) -> dict:
   """{our parameter path: Rule}: EDM2's module names, '.' for '/' and 'enc.8x8' for 'enc_8x8'."""
   out = {}
@@ -43,12 +60,13 @@ def rules(abstract) -> dict:
     elif top == 'emb_label':
       out[path] = common.Rule(('unet.emb_label.weight',), common.linear)
     elif top == 'out_gain':
-      out[path] = common.Rule(('unet.out_gain',))
+      out[path] = common.Rule(('unet.out_gain', 'unet.out_conv.weight'), _gain_as_applied)
     else:
       module = top.replace('enc_', 'enc.', 1).replace('dec_', 'dec.', 1)
       name = '.'.join((module,) + path[1:-1])
       if path[-1] == 'emb_gain':
-        out[path] = common.Rule((f'unet.{module}.emb_gain',))
+        out[path] = common.Rule((f'unet.{module}.emb_gain', f'unet.{module}.emb_linear.weight'),
+                                _gain_as_applied)
       else:
         fn = common.conv if len(leaf.shape) == 4 else common.linear
         out[path] = common.Rule((f'unet.{name}.weight',), fn)

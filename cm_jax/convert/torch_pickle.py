@@ -159,6 +159,7 @@ class _EasyDict(dict):
   """dnnlib.util.EasyDict, as a plain dict."""
 
 
+
 def _numpy_globals() -> dict:
   try:
     from numpy._core import multiarray  # pylint: disable=g-import-not-at-top

@@ -166,7 +166,8 @@ class EDM2UNet(nn.Module):
     emb = MPConv(cemb, 0, jnp.float32, name='emb_noise')(fourier)
     if self.num_classes > 0:
       if labels is None:
-        raise ValueError(f'The network is class-conditional (num_classes={self.num_classes}); pass labels.')
+        raise ValueError(
+            f'The network is class-conditional (num_classes={self.num_classes}); pass labels.')
       w = self.param('emb_label', nn.initializers.normal(1.0), (self.num_classes, cemb), jnp.float32)
       # emb_label(onehot * sqrt(L)): row `label` of the normalised weight, times sqrt(L) / sqrt(L).
       w = normalize(w, (0,))
