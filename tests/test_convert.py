@@ -120,7 +120,8 @@ def test_converted_run_computes_what_the_reference_computed(name, tmp_path):
     # A consistency_models_cifar10 State holds three weight sets: the EMA (sampled), the online
     # params (resumed) and the target network, each where cm_jax keeps it.
     ckpt = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints'), read_only=True)
-    extra = ckpt.restore_items(run.step, {'extra': {'target_params': run.state.params}})['extra']
+    abstract = checkpointing.with_shardings(run.exp.abstract_state, run.exp.state_shardings)
+    extra = ckpt.restore_items(run.step, {'extra': abstract.extra})['extra']
     assert ckpt.restore_meta(run.step)['source_step'] == 800_000
     ckpt.close()
     copies = {'_params_ema': run.state.ema_params[1], '_params': run.state.params,
@@ -289,6 +290,17 @@ def test_cd_distils_a_converted_edm_teacher(tmp_path, digits_data_dir):
   teacher_out = jax.jit(out.exp.model.denoise)(out.frozen['teacher_params'], jnp.asarray(ref['x']),
                                                jnp.asarray(ref['sigmas']))
   assert _max_error(np.asarray(teacher_out), ref['D']) < TOLERANCE
+
+
+def test_a_converted_run_resumes_training(tmp_path, digits_data_dir):
+  """Written at step 1 of 2, `--mode=train` resumes it: its optimizer state and EMA copies restore.
+  (tests/tiny.py's EDM run, as test_cd_ct_runs.py's teacher: the compiled step is shared.)"""
+  config = tiny.edm_config(digits_data_dir, steps=2)
+  convert.convert(config, _fixture('edm_ncsnpp_tiny.pkl'), str(tmp_path / 'run'), step=1,
+                  log=lambda line: None)
+  out = tiny.train(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path / 'run'))
+  assert out.step == 2 and [step for step, _ in out.losses] == [1]
+  assert np.isfinite(out.losses[0][1])
 
 
 def test_the_command_line_converts(tmp_path):

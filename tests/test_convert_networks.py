@@ -36,8 +36,7 @@ def _shapes(tree):
   return {jax.tree_util.keystr(path): leaf.shape for path, leaf in flat}
 
 
-@pytest.mark.parametrize('nf, count', [(192, 280_209_253), (256, 497_803_045), (320, 777_492_197),
-                                       (384, 1_119_276_709)])
+@pytest.mark.parametrize('nf, count', [(192, 280_209_253), (384, 1_119_276_709)])  # S and XL.
 def test_edm2_img64_parameter_counts(nf, count):
   config = default.get_config().model
   config.update(dict(name='edm2', nf=nf, ch_mult=(1, 2, 3, 4), num_res_blocks=3,

@@ -79,6 +79,10 @@ def read(path: str, config, network: common.Build) -> common.Converted:
   if precond.class_name != 'Precond' or 'unet' not in precond.modules:
     raise ConversionError(f'{path}: its "ema" network is a {precond.class_name}, not an NVlabs/edm2 '
                           'Precond (for NVlabs/edm networks use --source_format=edm).')
+  encoder = snapshot.get('encoder')
+  if isinstance(encoder, torch_pickle.Module) and encoder.class_name != 'StandardRGBEncoder':
+    raise ConversionError(f'{path} is a latent-space network (its encoder is a {encoder.class_name}, '
+                          "EDM2's ImageNet-512 models): cm_jax has no VAE to encode and decode with.")
   pre = {**_PRECOND_DEFAULTS, **precond.init_kwargs}
   unet = precond.modules['unet']
   kw = {**_UNET_DEFAULTS, **{k: v for k, v in precond.init_kwargs.items() if k in _UNET_DEFAULTS},
@@ -115,10 +119,9 @@ def read(path: str, config, network: common.Build) -> common.Converted:
       'EMA chosen: the pickle\'s "ema" network (a post-hoc EMA reconstruction) becomes the online '
       f'params, every EMA copy (training.ema_decays={tuple(config.training.ema_decays)}) and any '
       'target network.',
-      f'Skipped: {common.describe(ignored)} ({"uncertainty head of the training loss"}).',
+      f'Skipped: {common.describe(ignored)} (uncertainty head of the training loss).',
   ]
   if not np.isclose(float(kw['dropout']), float(config.model.dropout)):
     report.append(f'Note: EDM2 trained it with dropout {kw["dropout"]}, config.model.dropout='
                   f'{config.model.dropout} (no effect when sampling).')
-  del snapshot
   return common.Converted(params, None, None, report)
