@@ -6,7 +6,7 @@ from configs import digits_cd, digits_edm
 
 def shrink(config, data_dir: str, steps: int = 4):
   m = config.model
-  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 8, (1, 2), 1, (4,), 0.0
+  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 8, (1,), 1, (), 0.0
   t = config.training
   t.batch_size, t.num_steps, t.log_every, t.checkpoint_every = 16, steps, 2, 2
   t.warmup_steps, t.num_grid_samples = 0, 16
