@@ -81,28 +81,31 @@ def load_params(config, workdir: str, abstract_params, mesh: jax.sharding.Mesh,
   run = find(config, workdir)
   check_usable(config, run)
   ckpt = checkpointing.Checkpointer(os.path.join(run.workdir, 'checkpoints'), read_only=True)
-  step = run.latest_step
-  index = config.teacher.ema_index
-  saved_shapes = ckpt.item_shapes(step, 'ema_params')
-  num_ema = len({k.split(']')[0] for k in saved_shapes})
-  if not 0 <= index < num_ema:
-    raise TeacherError(f'teacher.ema_index={index} but the teacher in {run.workdir} keeps {num_ema} EMA '
-                       'copies.')
-  ours = {jax.tree_util.keystr(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-  theirs = {k[len(f'[{index}]'):]: v for k, v in saved_shapes.items() if k.startswith(f'[{index}]')}
-  if ours != theirs:
-    mismatched = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
-    raise TeacherError(f'The teacher checkpoint in {run.workdir} does not fit this run\'s network '
-                       f'(first differences: {mismatched}). Use the teacher\'s model config.')
-  abstract = checkpointing.with_shardings(abstract_params,
-                                          sharding.tree_shardings(abstract_params, mesh))
-  if online:
-    params = ckpt.restore_items(step, {'params': abstract})['params']
-    logging.info('Teacher: online params of %s at step %d.', run.workdir, step)
-  else:
-    params = ckpt.restore_items(step, {'ema_params': tuple(abstract for _ in range(num_ema))}
-                                )['ema_params'][index]
-    logging.info('Teacher: EMA copy %d of %s at step %d.', index, run.workdir, step)
-  ckpt.close()
+  try:
+    step = run.latest_step
+    index = config.teacher.ema_index
+    saved_shapes = ckpt.item_shapes(step, 'ema_params')
+    num_ema = len({k.split(']')[0] for k in saved_shapes})
+    if not 0 <= index < num_ema:
+      raise TeacherError(f'teacher.ema_index={index} but the teacher in {run.workdir} keeps '
+                         f'{num_ema} EMA copies.')
+    ours = {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    theirs = {k[len(f'[{index}]'):]: v for k, v in saved_shapes.items()
+              if k.startswith(f'[{index}]')}
+    if ours != theirs:
+      mismatched = sorted(set(ours.items()) ^ set(theirs.items()))[:6]
+      raise TeacherError(f'The teacher checkpoint in {run.workdir} does not fit this run\'s network '
+                         f'(first differences: {mismatched}). Use the teacher\'s model config.')
+    abstract = checkpointing.with_shardings(abstract_params,
+                                            sharding.tree_shardings(abstract_params, mesh))
+    if online:
+      params = ckpt.restore_items(step, {'params': abstract})['params']
+      logging.info('Teacher: online params of %s at step %d.', run.workdir, step)
+    else:
+      params = ckpt.restore_items(step, {'ema_params': tuple(abstract for _ in range(num_ema))}
+                                  )['ema_params'][index]
+      logging.info('Teacher: EMA copy %d of %s at step %d.', index, run.workdir, step)
+  finally:
+    ckpt.close()  # Also on the errors above: an open manager's threads outlive their event loop.
   return params
