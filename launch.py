@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from cm_jax.errors import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
 from cm_jax.modes import MODES  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -74,7 +75,7 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
-  from cm_jax.errors import USER_ERRORS
+  from cm_jax.errors import USER_ERRORS, Preempted
   try:
     from cm_jax import config_utils
     config_utils.check_local_dir(FLAGS.workdir)
@@ -87,17 +88,30 @@ def main(argv) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     if jax.process_index() > 0:
       logging.set_verbosity(logging.WARNING)  # One progress log per run (process 0's); warnings stay.
-    _run_mode(FLAGS.config)
+    result = _run_mode(FLAGS.config)
   except USER_ERRORS as error:
     logging.error('%s: %s', type(error).__name__, error)
     sys.exit(f'{type(error).__name__}: {error}')
+  except Preempted as notice:
+    _exit_preempted(str(notice))
+  if getattr(result, 'preempted', False):
+    _exit_preempted(f'Preemption notice: the checkpoint of step {result.step} is saved in '
+                    f'{FLAGS.workdir}. Relaunch the same command to resume.')
 
 
-def _run_mode(config) -> None:
+def _exit_preempted(message: str) -> None:
+  """Exit with PREEMPTED_EXIT_CODE: not 0, so that a scheduler or an `&&` chain sees the run is not
+  finished, and not 1, so that it can tell a stop to resume from a failure."""
+  logging.warning('%s', message)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _run_mode(config):
   import importlib
   mode = importlib.import_module(f'cm_jax.modes.{FLAGS.mode}')
   flags = {'edit': {'edit_input': FLAGS.edit_input}, 'eval': {'samples_path': FLAGS.eval_samples}}
-  mode.run(config, FLAGS.workdir, **flags.get(FLAGS.mode, {}))
+  return mode.run(config, FLAGS.workdir, **flags.get(FLAGS.mode, {}))
 
 
 if __name__ == '__main__':

@@ -25,7 +25,7 @@ RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.check
                      'training.num_grid_samples', 'training.final_samplers', 'sampling', 'eval',
                      'edit',
                      'mesh', 'data.data_dir', 'teacher.train_if_missing', 'teacher.workdir',
-                     'teacher.config', 'allow_other_config')
+                     'teacher.config', 'teacher.allow_unfinished', 'allow_other_config')
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -96,6 +96,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'training.lr_end_factor={t.lr_end_factor} must be in [0, 1] (a fraction of '
                       'training.lr).')
   check_local_dir(config.teacher.workdir, '--config.teacher.workdir')
+
+
+def eval_samplers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The sampler names --mode=eval scores (eval.samplers, else sampling.sampler; '' is the method's
+  default)."""
+  if isinstance(config.eval.samplers, str):
+    raise ConfigError(f'eval.samplers={config.eval.samplers!r} must be a tuple, e.g. '
+                      "--config.eval.samplers=\"('onestep', 'multistep')\".")
+  # 'a,b' (what --config.eval.samplers=a,b gives) is read as two names.
+  names = tuple(n.strip() for name in config.eval.samplers for n in name.split(','))
+  return names or (config.sampling.sampler,)
 
 
 def _flatten(config, prefix: str = '') -> dict:

@@ -144,11 +144,13 @@ def check_finite(steps: list[int], metrics: dict, last_saved: int | None, workdi
 
 
 def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
-          hooks: tuple[Hook, ...] = ()) -> TrainResult:
+          hooks: tuple[Hook, ...] = (), on_state_ready: Callable[[], None] | None = None
+          ) -> TrainResult:
   """Train (or resume) the run in exp.workdir to training.num_steps.
 
   `frozen` holds the method's frozen inputs (Experiment.load_frozen); `hooks` run after every step
-  but the last (each decides itself whether to act).
+  but the last (each decides itself whether to act); `on_state_ready` runs once the state is
+  restored or created (the train mode records the config then).
   """
   config, training = exp.config, exp.config.training
   pipeline = data.InputPipeline(config.data, training.batch_size, config.seed,
@@ -157,6 +159,8 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
                                     training.checkpoint_every, training.keep_checkpoints)
   try:
     state, start_step = restore_or_init(exp, ckpt)
+    if on_state_ready is not None:
+      on_state_ready()
     # A finished run (relaunched for its final samples) compiles no step.
     train_step = (compile_train_step(exp, state, frozen)
                   if start_step < training.num_steps else None)

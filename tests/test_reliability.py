@@ -4,20 +4,28 @@ In-process where the behaviour is the library's; through `launch.py` where it is
 (signals, exit codes, the lock, what reaches stderr). Training runs are tiny digits runs.
 """
 
+import ast
+import json
+import logging
 import os
 import re
 import shutil
+import shlex
+import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, inference
-from cm_jax.errors import ConfigError, WorkdirError
+from cm_jax import checkpointing, config_utils, inference, rundir, teacher, trainer
+from cm_jax.errors import PREEMPTED_EXIT_CODE, ConfigError, TeacherError, WorkdirError
 from cm_jax.modes import eval as eval_mode
+from cm_jax.modes import train as train_mode
 from tests import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +58,62 @@ def _steps(ckpt_dir: str) -> list[int]:
   return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
 
 
+@pytest.fixture
+def no_training(monkeypatch):
+  """Makes reaching the training loop (and so any compilation) a test failure."""
+  def fail(*args, **kwargs):
+    raise AssertionError('reached training: the error should have come before compiling')
+  monkeypatch.setattr(trainer, 'train', fail)
+
+
 # --------------------------------------------------------------------------------------------------
-# Items 3 and 8 on a trained run.
+# Item 6: a workdir that cannot be used is one line.
+# --------------------------------------------------------------------------------------------------
+def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, no_training):
+  config = tiny.edm_config('unused')
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('not a directory')
+  # Components of 200 characters (the filesystem's limit is 255), about 3,980 in all: the folders
+  # can be created, but Orbax's files below them would pass the 4,096 characters of a path.
+  too_long = str(tmp_path)
+  while len(too_long) < 3780:
+    too_long += '/' + 'd' * 199
+  too_long += '/' + 'd' * (3979 - len(too_long))
+  cases = {str(a_file): 'is a file, not a directory',
+           str(a_file / 'run'): 'Cannot create the run directory',
+           too_long: 'use a shorter --workdir path'}
+  for workdir, expected in cases.items():
+    with pytest.raises(WorkdirError, match=expected) as info:
+      tiny.train(config, workdir)
+    assert '\n' not in str(info.value)
+  # The path is named (the long one by its end).
+  assert too_long[-50:] in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 5: checked before anything is trained or written.
+# --------------------------------------------------------------------------------------------------
+def test_every_sampler_name_is_checked_before_anything_trains(tmp_path, no_training):
+  workdir = tmp_path / 'run'
+  for field, value in (('training.final_samplers', ('nope',)), ('sampling.sampler', 'nope'),
+                       ('eval.samplers', ('heun', 'nope'))):
+    config = tiny.edm_config('unused')
+    block, name = field.split('.')
+    config[block][name] = value
+    with pytest.raises(ConfigError, match=f"^{field} has 'nope', which is not a sampler of edm"):
+      tiny.train(config, str(workdir))
+  # A distillation run checks them before training its teacher (never loaded here).
+  config = tiny.cd_config('unused', '', steps=1)
+  config.teacher.config = str(tmp_path / 'not_loaded_before_the_check.py')
+  config.teacher.train_if_missing = True
+  config.training.final_samplers = ('onestep', 'heun')
+  with pytest.raises(ConfigError, match="^training.final_samplers has 'heun'"):
+    tiny.train(config, str(workdir))
+  assert not workdir.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Items 2, 3 and 8 on a trained run.
 # --------------------------------------------------------------------------------------------------
 def _trained_config(data_dir: str):
   config = tiny.edm_config(data_dir, steps=6)
@@ -69,6 +131,21 @@ def trained(tmp_path_factory, digits_data_dir) -> str:
 
 def test_checkpoints_only_every_checkpoint_every_and_at_the_end(trained):
   assert _steps(os.path.join(trained, 'checkpoints')) == [5, 6]  # Not Orbax's extra first step.
+
+
+def test_a_failed_launch_keeps_the_workdir_record(trained, tmp_path, digits_data_dir):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(trained, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    record = f.read()
+  other = _trained_config(digits_data_dir)
+  other.model.nf, other.allow_other_config = 16, True  # Its state cannot restore these checkpoints.
+  with pytest.raises(WorkdirError, match='No checkpoint in .* can be restored'):
+    tiny.train(other, workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == record
+  assert tiny.train(_trained_config(digits_data_dir), workdir).step == 6  # The original command.
+  assert not os.path.exists(rundir.lock_path(workdir))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, monkeypatch,
@@ -120,3 +197,136 @@ def test_eval_samples_that_are_not_an_npz_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match='is not an npz file') as info:
       eval_mode.read_samples(str(path), config)
     assert 'allow_pickle' not in str(info.value)
+
+
+def test_the_teacher_mismatch_error_suggests_a_command_that_works(tmp_path):
+  tdir = str(tmp_path / 'teacher')
+  os.makedirs(tdir)
+  student = tiny.cd_config('unused', tdir)
+  student.teacher.config = 'configs/digits_edm.py'
+  student.model.nf, student.model.ch_mult = 16, (1, 2, 2)
+  saved = tiny.edm_config('unused').to_dict()  # The teacher there: nf=8, ch_mult=(1, 2).
+  with pytest.raises(TeacherError) as info:
+    teacher.check_usable(student, teacher.TeacherRun(tdir, 4, saved))
+  message = str(info.value)
+  assert 'model.nf: teacher 8, student 16' in message
+  command = shlex.split(message.split('`')[1])
+  expected_dir = tdir + '_2'  # Not tdir: it holds the other teacher and would refuse the command.
+  assert command[:4] == ['python', 'launch.py', '--config=configs/digits_edm.py',
+                         f'--workdir={expected_dir}']
+  assert f'then add --config.teacher.workdir={expected_dir} to this command' in message
+  # The command's overrides exist, and turn the file's network (not only the saved teacher's) into
+  # the student's.
+  overrides = dict(a[len('--config.'):].split('=', 1) for a in command[4:])
+  trains = config_utils.load_config_file('configs/digits_edm.py')
+  config_utils.check_override_keys(trains, overrides)
+  assert {'model.nf': '16', 'model.ch_mult': '(1, 2, 2)'}.items() <= overrides.items()
+  for field, text in overrides.items():
+    block, name = field.split('.')
+    trains[block][name] = ast.literal_eval(text)
+  teacher.check_fits(student, trains.to_dict(), expected_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Items 1, 4 and 8 at the process level: a preempted teacher stops the job, the lock, exit codes.
+# --------------------------------------------------------------------------------------------------
+TEACHER_STEPS = 40
+
+
+def _write_configs(tmp_path, data_dir: str) -> str:
+  teacher_config = tmp_path / 'teacher_config.py'
+  teacher_config.write_text(textwrap.dedent(f'''
+      from tests import tiny
+      def get_config():
+        config = tiny.edm_config({data_dir!r}, steps={TEACHER_STEPS})
+        config.training.checkpoint_every = config.training.log_every = {TEACHER_STEPS // 2}
+        config.training.final_samplers = ()
+        return config
+  '''))
+  cd_config = tmp_path / 'cd_config.py'
+  cd_config.write_text(textwrap.dedent(f'''
+      from tests import tiny
+      def get_config():
+        config = tiny.cd_config({data_dir!r}, '', steps=4)
+        config.teacher.config, config.teacher.train_if_missing = {str(teacher_config)!r}, True
+        config.training.final_samplers = ()
+        return config
+  '''))
+  return str(cd_config)
+
+
+def _read(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: str, timeout: float = 420) -> None:
+  deadline = time.time() + timeout
+  while not predicate():
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f'gave up waiting (exit {proc.poll()}):\n{_read(log)[-3000:]}')
+    time.sleep(0.02)
+
+
+def test_a_preempted_teacher_stops_the_job_and_the_relaunch_finishes_it(tmp_path, digits_data_dir,
+                                                                       caplog):
+  cd_config = _write_configs(tmp_path, digits_data_dir)
+  workdir = str(tmp_path / 'main')
+  tdir = os.path.join(workdir, 'teacher')
+  command = [sys.executable, 'launch.py', f'--config={cd_config}', f'--workdir={workdir}']
+  log = str(tmp_path / 'first.log')
+  with open(log, 'w') as f:
+    first = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+  try:
+    _wait_for(lambda: 'edm run: steps 0 ->' in _read(log), first, log)
+    first.send_signal(signal.SIGSTOP)  # Holds its locks, training the teacher, while we look.
+    with open(rundir.lock_path(workdir)) as f:
+      held = json.load(f)
+    assert (held['pid'], held['host']) == (first.pid, socket.gethostname())
+    # Item 4: a second launch on the workdir is refused with one line.
+    second = _launch(f'--config={cd_config}', f'--workdir={workdir}')
+    assert second.returncode == 1
+    assert f'is locked by another launch (pid {first.pid} on {socket.gethostname()}' in _last_line(
+        second.stderr)
+    # Item 1: SIGTERM while the teacher trains stops the whole job, with the preemption exit code.
+    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == PREEMPTED_EXIT_CODE
+  finally:
+    if first.poll() is None:
+      first.kill()
+  output = _read(log)
+  assert 'Preemption notice while training the teacher' in output and 'Traceback' not in output, (
+      output[-3000:])
+  stopped_at = _steps(os.path.join(tdir, 'checkpoints'))[-1]
+  assert stopped_at < TEACHER_STEPS
+  assert not _steps(os.path.join(workdir, 'checkpoints'))  # No distillation of that teacher.
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+  assert not os.path.exists(rundir.lock_path(workdir))
+  assert not os.path.exists(rundir.lock_path(tdir))
+  # Without training it, the unfinished teacher is refused, saying how to go on.
+  config = config_utils.load_config_file(cd_config)
+  config.teacher.train_if_missing = False
+  with pytest.raises(TeacherError, match=f'stopped at step {stopped_at} of its {TEACHER_STEPS}: '
+                                         'finish it with .*allow_unfinished=True'):
+    tiny.train(config, workdir)
+  # A lock left by a process that is gone (killed with -9) is taken over.
+  with open(rundir.lock_path(workdir), 'w') as f:
+    json.dump({'host': socket.gethostname(), 'pid': _dead_pid(), 'since': 'earlier'}, f)
+  # The same command again (in-process: the process-level behaviour is tested above): finishes the
+  # teacher first, then distils it.
+  with caplog.at_level(logging.WARNING):
+    out = train_mode.run(config_utils.load_config_file(cd_config), workdir)
+  assert not out.preempted and out.step == 4
+  assert any('Taking over the stale lock' in r.getMessage() for r in caplog.records)
+  assert _steps(os.path.join(tdir, 'checkpoints'))[-1] == TEACHER_STEPS
+  assert _steps(os.path.join(workdir, 'checkpoints'))[-1] == 4
+  assert not os.path.exists(rundir.lock_path(workdir))
+
+
+def _dead_pid() -> int:
+  """The pid of a process that has exited (and been reaped)."""
+  proc = subprocess.Popen(['true'])
+  proc.wait()
+  return proc.pid

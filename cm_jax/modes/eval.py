@@ -93,22 +93,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, samples_path: str = '')
   return results
 
 
-def eval_samplers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The sampler names asked for ('' stays '': the method's default)."""
-  if isinstance(config.eval.samplers, str):
-    raise ConfigError(f'eval.samplers={config.eval.samplers!r} must be a tuple, e.g. '
-                      "--config.eval.samplers=\"('onestep', 'multistep')\".")
-  # 'a,b' (what --config.eval.samplers=a,b gives) is read as two names.
-  names = tuple(n.strip() for name in config.eval.samplers for n in name.split(','))
-  return names or (config.sampling.sampler,)
-
-
 def _samplers(restored: inference.RestoredRun, config) -> list:
   """(name, Sampler) of each sampler asked for, every one checked before anything samples."""
   method = restored.exp.method
   field = 'eval.samplers' if config.eval.samplers else 'sampling.sampler'
   chosen = [(name or method.default_sampler, method.sampler(name, field))
-            for name in eval_samplers(config)]
+            for name in config_utils.eval_samplers(config)]
   for _, sampler in chosen:
     restored.params(sampler.params)  # A teacher that cannot be loaded fails before any sampling.
   return chosen
