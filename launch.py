@@ -52,21 +52,42 @@ def _init_distributed() -> None:
                                   FLAGS.process_id)
 
 
+def _config_spec(argv) -> str | None:
+  """The value of --config (`--config=x` or `--config x`), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _parse_flags(argv):
-  """absl flag parsing, with a plain message for an override path the config does not have."""
+  """absl flag parsing, with one line for what a user can get wrong: a config file that is not
+  there, a variant it does not have, an override path it does not have or a value of the wrong type.
+  """
+  from cm_jax import config_utils  # pylint: disable=g-import-not-at-top
+  from cm_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  spec = _config_spec(argv)
   try:
+    if spec is not None:
+      # config_flags would defer a missing file's error to the config's first use, as a traceback.
+      config_utils.check_config_file(spec)
     return FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    from cm_jax import config_utils
-    from cm_jax.errors import ConfigError
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  except ConfigError as error:
+    sys.exit(f'Config error: {error}')
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     keys = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
     try:
       if spec is not None:
+        # Runs the config file again, outside config_flags: its own errors keep their traceback.
         config_utils.check_override_keys(config_utils.load_config_file(spec), keys)
     except ConfigError as config_error:
       sys.exit(f'Config error: {config_error}')
-    sys.exit(f'Config error: {error}')
+    message = str(error)
+    if isinstance(error, flags.Error) and '\n' not in message.strip():
+      sys.exit(f'Config error: {message.removeprefix("flag ")}')  # E.g. a value of the wrong type.
+    raise
 
 
 def main(argv) -> None:

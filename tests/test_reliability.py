@@ -7,6 +7,7 @@ In-process where the behaviour is the library's; through `launch.py` where it is
 import ast
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 
 from cm_jax import checkpointing, config_utils, inference, rundir, teacher, trainer
-from cm_jax.errors import PREEMPTED_EXIT_CODE, ConfigError, TeacherError, WorkdirError
+from cm_jax.errors import (PREEMPTED_EXIT_CODE, ConfigError, NonFiniteLossError, TeacherError,
+                           WorkdirError)
 from cm_jax.modes import eval as eval_mode
 from cm_jax.modes import train as train_mode
 from tests import tiny
@@ -88,6 +90,82 @@ def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, no_training):
     assert '\n' not in str(info.value)
   # The path is named (the long one by its end).
   assert too_long[-50:] in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 6: what the command line can get wrong is one line, before TensorFlow or JAX is set up.
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('args, expected', [
+    (['--config=configs/digits_edm.py', '--config.training.lr=abc'],
+     "--config.training.lr=abc: could not convert string to float: 'abc'"),
+    (['--config=configs/nope.py'], "Config file 'configs/nope.py' does not exist"),
+    (['--config=configs'], "Config file 'configs' is a directory"),
+    (['--config=configs/digits_edm.py:nope'],
+     'configs/digits_edm.py has no variants (its get_config takes no argument): use '
+     '--config=configs/digits_edm.py without ":nope".'),
+    (['--config=configs/digits_edm.py', '--config.training.nope=1'],
+     "--config.training.nope: there is no 'nope' in training"),
+], ids=['wrong_type', 'missing_file', 'directory', 'no_variants', 'unknown_field'])
+def test_command_line_errors_are_one_line(args, expected, tmp_path):
+  start = time.time()
+  out = _launch(*args, f'--workdir={tmp_path / "run"}', timeout=120)
+  assert out.returncode == 1
+  assert _last_line(out.stderr).startswith('Config error: ')
+  assert expected in _last_line(out.stderr)
+  assert time.time() - start < 30  # Refused while parsing flags, before TF or JAX is set up.
+  assert not (tmp_path / 'run').exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 7: the non-finite guard's advice, and degenerate noise settings before compiling.
+# --------------------------------------------------------------------------------------------------
+def _blown_up() -> dict:
+  """fetch_metrics' metrics of steps 7, 8 and 9, the last two non-finite."""
+  return {'loss': np.array([0.5, np.inf, np.nan]), 'finite': np.array([True, False, False])}
+
+
+def test_the_non_finite_message_advises_only_what_works(tmp_path, digits_data_dir):
+  workdir = str(tmp_path)
+  config = tiny.edm_config(digits_data_dir)
+  config.training.lr, config.training.grad_clip = 2e-3, 0.0
+  with pytest.raises(NonFiniteLossError) as info:
+    trainer.check_finite([7, 8, 9], _blown_up(), None, workdir, config)
+  message = str(info.value)
+  assert 'at step 8 (loss=inf)' in message and 'step None' not in message
+  assert f'no checkpoint was saved yet in {workdir}' in message
+  # A lower rate with allow_other_config (without it, the changed lr is refused); float32 is on
+  # already; gradient clipping changes the optimizer state, so not on this workdir.
+  assert ('Relaunch the same command with --config.training.lr=0.0002 '
+          '--config.allow_other_config=True to start again with them.') in message
+  assert 'model.dtype' not in message
+  assert 'grad_clip=1.0) needs a new --workdir' in message
+  config.training.grad_clip, config.model.dtype = 1.0, 'bfloat16'
+  with pytest.raises(NonFiniteLossError) as info:
+    trainer.check_finite([7, 8, 9], _blown_up(), 6, workdir, config)
+  message = str(info.value)
+  assert f'the last good checkpoint (step 6) is kept in {workdir}' in message
+  assert ('--config.training.lr=0.0002 --config.model.dtype=float32 '
+          '--config.allow_other_config=True to resume from step 6 with them.') in message
+  assert 'grad_clip' not in message
+  # The advised relaunch is accepted by the workdir check, which refuses it without the flag.
+  config_utils.save_config(tiny.edm_config(digits_data_dir), workdir)
+  advised = tiny.edm_config(digits_data_dir)
+  advised.training.lr = 1e-4
+  with pytest.raises(WorkdirError, match='allow_other_config=True'):
+    config_utils.check_workdir(advised, workdir)
+  advised.allow_other_config = True
+  config_utils.check_workdir(advised, workdir)
+
+
+@pytest.mark.parametrize('field, value', [('sigma_data', 0.0), ('rho', 0.0), ('sigma_data', -0.5),
+                                          ('sigma_max', math.inf), ('noise_cond_scale', math.nan)])
+def test_degenerate_noise_settings_are_refused_before_compiling(field, value, tmp_path,
+                                                                no_training):
+  config = tiny.edm_config('unused')
+  config.noise[field] = value
+  with pytest.raises(ConfigError, match=re.escape(f'{field}={value}')):
+    tiny.train(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
 
 
 # --------------------------------------------------------------------------------------------------
