@@ -25,8 +25,9 @@ RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.check
                      'training.keep_checkpoints', 'training.sample_every',
                      'training.num_grid_samples', 'training.final_samplers', 'sampling', 'eval',
                      'edit',
-                     'mesh', 'data.data_dir', 'teacher.train_if_missing', 'teacher.workdir',
-                     'teacher.config', 'teacher.allow_unfinished', 'allow_other_config')
+                     'mesh', 'data.data_dir', 'data.loader', 'teacher.train_if_missing',
+                     'teacher.workdir', 'teacher.config', 'teacher.allow_unfinished',
+                     'allow_other_config')
 
 
 def check_config_file(spec: str) -> None:
