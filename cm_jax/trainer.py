@@ -188,9 +188,11 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
     with ckpt.watch_sigterm():
       return _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, report, hooks, start_step)
   finally:
-    pipeline.close()
-    ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
-    writer.flush()
+    try:
+      ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
+    finally:  # Also when that save failed (a WorkdirError): the input workers stop.
+      pipeline.close()
+      writer.flush()
 
 
 def _loop(exp: Experiment, state: TrainState, frozen, train_step, pipeline, ckpt, writer, report,

@@ -5,6 +5,7 @@ In-process where the behaviour is the library's; through `launch.py` where it is
 """
 
 import ast
+import contextlib
 import json
 import logging
 import math
@@ -23,9 +24,9 @@ import jax
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, config_utils, inference, rundir, teacher, trainer
-from cm_jax.errors import (PREEMPTED_EXIT_CODE, ConfigError, NonFiniteLossError, TeacherError,
-                           WorkdirError)
+from cm_jax import checkpointing, config_utils, inference, methods, rundir, teacher, trainer
+from cm_jax.errors import (PREEMPTED_EXIT_CODE, ConfigError, NonFiniteLossError, Preempted,
+                           TeacherError, WorkdirError)
 from cm_jax.modes import eval as eval_mode
 from cm_jax.modes import train as train_mode
 from tests import tiny
@@ -194,14 +195,13 @@ def test_every_sampler_name_is_checked_before_anything_trains(tmp_path, no_train
 # Items 2, 3 and 8 on a trained run.
 # --------------------------------------------------------------------------------------------------
 def _trained_config(data_dir: str):
-  config = tiny.edm_config(data_dir, steps=6)
-  config.training.checkpoint_every = 5
-  return config
+  return tiny.constant_edm_config(data_dir, steps=6)
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory, digits_data_dir) -> str:
-  """A tiny EDM run of 6 steps with checkpoint_every=5."""
+  """A tiny EDM run of 6 steps with checkpoint_every=5 (its compiled step is shared with the
+  teachers below)."""
   workdir = str(tmp_path_factory.mktemp('trained') / 'run')
   tiny.train(_trained_config(digits_data_dir), workdir)
   return workdir
@@ -226,24 +226,25 @@ def test_a_failed_launch_keeps_the_workdir_record(trained, tmp_path, digits_data
   assert not os.path.exists(rundir.lock_path(workdir))
 
 
-def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, monkeypatch,
-                                                                           digits_data_dir):
-  workdir = str(tmp_path / 'run')
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  save = checkpointing.Checkpointer.save
-
-  def save_into_a_vanished_folder(self, step, *args, **kwargs):
-    shutil.rmtree(self.directory)
-    with open(self.directory, 'w') as f:  # The folder is now a file: nothing can be written.
-      f.write('x')
-    return save(self, step, *args, **kwargs)
-  monkeypatch.setattr(checkpointing.Checkpointer, 'save', save_into_a_vanished_folder)
+def test_a_checkpoint_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path):
+  ckpt_dir = str(tmp_path / 'checkpoints')
+  ckpt = checkpointing.Checkpointer(ckpt_dir, save_every=5)  # Asynchronous saves, as in training.
+  state = {'params': {'w': jax.numpy.ones(3)}}
+  ckpt.save(5, state, {'step': 5})
+  ckpt.wait()
+  shutil.rmtree(ckpt_dir)
+  with open(ckpt_dir, 'w') as f:  # The folder is now a file: nothing can be written.
+    f.write('x')
   start = time.time()
-  with pytest.raises(WorkdirError, match=re.escape(f'Cannot write the checkpoint of step 5 into '
+  with pytest.raises(WorkdirError, match=re.escape(f'Cannot write the checkpoint of step 10 into '
                                                    f'{ckpt_dir} (NotADirectoryError')) as info:
-    tiny.train(_trained_config(digits_data_dir), workdir)
+    try:
+      ckpt.save(10, state, {'step': 10})
+    finally:
+      with contextlib.suppress(WorkdirError):
+        ckpt.close()
   assert '\n' not in str(info.value)
-  assert time.time() - start < 240  # Not Orbax's 5-minute wait for a directory never created.
+  assert time.time() - start < 60  # Not Orbax's 5-minute wait for a directory never created.
 
 
 def test_sampling_with_another_model_is_one_line(trained, tmp_path, digits_data_dir):
@@ -306,26 +307,62 @@ def test_the_teacher_mismatch_error_suggests_a_command_that_works(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Items 1, 4 and 8 at the process level: a preempted teacher stops the job, the lock, exit codes.
+# Item 4: the workdir lock.
 # --------------------------------------------------------------------------------------------------
-TEACHER_STEPS = 40
+def _dead_pid() -> int:
+  """The pid of a process that has exited (and been reaped)."""
+  proc = subprocess.Popen(['true'])
+  proc.wait()
+  return proc.pid
 
 
-def _write_configs(tmp_path, data_dir: str) -> str:
+def _hold_lock(workdir: str, host: str, pid: int) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(rundir.lock_path(workdir), 'w') as f:
+    json.dump({'host': host, 'pid': pid, 'since': 'earlier'}, f)
+
+
+def test_the_workdir_lock_refuses_a_live_launch_and_takes_over_a_dead_ones(tmp_path, caplog):
+  workdir, host = str(tmp_path / 'run'), socket.gethostname()
+  # A live process of this host, and any process of another host (it cannot be checked from here).
+  for holder, pid in ((host, os.getppid()), ('another-host', _dead_pid())):
+    _hold_lock(workdir, holder, pid)
+    with pytest.raises(WorkdirError) as info:
+      with rundir.locked(workdir):
+        pytest.fail('entered a locked workdir')
+    assert str(info.value) == (
+        f'{workdir} is locked by another launch (pid {pid} on {holder}, since earlier): wait for '
+        f'it to finish or stop it, or use another --workdir. If that launch is not running, remove '
+        f'{rundir.lock_path(workdir)}.')
+  # A lock of a process that is gone (kill -9) is taken over, held while the body runs, released.
+  _hold_lock(workdir, host, _dead_pid())
+  with caplog.at_level(logging.WARNING), rundir.locked(workdir):
+    with open(rundir.lock_path(workdir)) as f:
+      assert json.load(f)['pid'] == os.getpid()
+    with pytest.raises(WorkdirError, match='already being trained by this process'):
+      with rundir.locked(workdir):
+        pass
+  assert any('Taking over the stale lock' in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(rundir.lock_path(workdir))
+
+
+# --------------------------------------------------------------------------------------------------
+# Item 1: a preempted teacher stops the job; an unfinished teacher is refused.
+# --------------------------------------------------------------------------------------------------
+def _write_configs(tmp_path, data_dir: str, teacher_steps: int) -> str:
+  """A CD config file whose teacher (a config file of `teacher_steps`) trains first."""
   teacher_config = tmp_path / 'teacher_config.py'
   teacher_config.write_text(textwrap.dedent(f'''
       from tests import tiny
       def get_config():
-        config = tiny.edm_config({data_dir!r}, steps={TEACHER_STEPS})
-        config.training.checkpoint_every = config.training.log_every = {TEACHER_STEPS // 2}
-        config.training.final_samplers = ()
-        return config
+        return tiny.constant_edm_config({data_dir!r}, steps={teacher_steps})
   '''))
   cd_config = tmp_path / 'cd_config.py'
+  # No distillation step: the student's state is created from the teacher, and nothing compiles.
   cd_config.write_text(textwrap.dedent(f'''
       from tests import tiny
       def get_config():
-        config = tiny.cd_config({data_dir!r}, '', steps=4)
+        config = tiny.cd_config({data_dir!r}, '', steps=0)
         config.teacher.config, config.teacher.train_if_missing = {str(teacher_config)!r}, True
         config.training.final_samplers = ()
         return config
@@ -333,78 +370,118 @@ def _write_configs(tmp_path, data_dir: str) -> str:
   return str(cd_config)
 
 
+def test_a_preempted_teacher_stops_the_job_and_a_relaunch_finishes_it_first(trained, tmp_path,
+                                                                           monkeypatch,
+                                                                           digits_data_dir):
+  # The teacher: the trained run (steps 5 and 6 saved) as a run of 8 steps.
+  cd_config = _write_configs(tmp_path, digits_data_dir, teacher_steps=8)
+  workdir = str(tmp_path / 'main')
+  tdir = os.path.join(workdir, 'teacher')
+  shutil.copytree(trained, tdir)
+  config_utils.save_config(tiny.constant_edm_config(digits_data_dir, steps=8), tdir)
+  with monkeypatch.context() as patch:  # A preemption notice at the teacher's step 7.
+    patch.setattr(checkpointing.Checkpointer, 'reached_preemption', lambda self, step: step == 7)
+    with pytest.raises(Preempted, match=f'while training the teacher in {tdir}: its checkpoint of '
+                                        'step 7 is saved. Relaunch the same command'):
+      train_mode.run(config_utils.load_config_file(cd_config), workdir)
+  assert _steps(os.path.join(tdir, 'checkpoints')) == [5, 6, 7]
+  # Nothing of the student: no state, no record, no lock.
+  assert sorted(os.listdir(workdir)) == ['checkpoints', 'teacher']
+  assert not os.listdir(os.path.join(workdir, 'checkpoints'))
+  assert not os.path.exists(rundir.lock_path(tdir))
+  # Not told to train it, the unfinished teacher is refused, saying how to go on.
+  config = config_utils.load_config_file(cd_config)
+  config.teacher.train_if_missing = False
+  with pytest.raises(TeacherError, match='stopped at step 7 of its 8: finish it with .*'
+                                         'allow_unfinished=True to distil it as it is'):
+    tiny.train(config, workdir)
+  # The same command again finishes the teacher first, then the student starts from it.
+  out = train_mode.run(config_utils.load_config_file(cd_config), workdir)
+  assert _steps(os.path.join(tdir, 'checkpoints'))[-1] == 8
+  teacher_params = out.frozen[methods.TEACHER]  # Read from the teacher's newest checkpoint.
+  for a, b in zip(jax.tree.leaves(out.state.params), jax.tree.leaves(teacher_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+# --------------------------------------------------------------------------------------------------
+# Items 1, 4 and 8 at the process level: the lock between two launches, and the preemption exit code.
+# --------------------------------------------------------------------------------------------------
 def _read(path: str) -> str:
   with open(path) as f:
     return f.read()
 
 
-def _wait_for(predicate, proc: subprocess.Popen, log: str, timeout: float = 420) -> None:
+def _start(tmp_path, config: str, workdir: str) -> tuple[subprocess.Popen, str]:
+  log = str(tmp_path / 'launch.log')
+  with open(log, 'w') as f:
+    proc = subprocess.Popen([sys.executable, 'launch.py', f'--config={config}',
+                             f'--workdir={workdir}'], cwd=REPO, env=_env(), stdout=f,
+                            stderr=subprocess.STDOUT)
+  return proc, log
+
+
+def _wait_for_a_checkpoint(ckpt_dir: str, proc: subprocess.Popen, log: str,
+                           timeout: float = 300) -> None:
+  """Until the first checkpoint is saved: the launch is then in its training loop."""
   deadline = time.time() + timeout
-  while not predicate():
+  while not _steps(ckpt_dir):
     if proc.poll() is not None or time.time() > deadline:
       proc.kill()
-      pytest.fail(f'gave up waiting (exit {proc.poll()}):\n{_read(log)[-3000:]}')
+      pytest.fail(f'no checkpoint (exit {proc.poll()}):\n{_read(log)[-3000:]}')
     time.sleep(0.02)
 
 
-def test_a_preempted_teacher_stops_the_job_and_the_relaunch_finishes_it(tmp_path, digits_data_dir,
-                                                                       caplog):
-  cd_config = _write_configs(tmp_path, digits_data_dir)
+@pytest.mark.slow
+def test_a_second_launch_is_refused_and_a_preempted_teacher_exits_with_the_preemption_code(
+    tmp_path, digits_data_dir, no_training):
+  cd_config = _write_configs(tmp_path, digits_data_dir, teacher_steps=100_000)
   workdir = str(tmp_path / 'main')
   tdir = os.path.join(workdir, 'teacher')
-  command = [sys.executable, 'launch.py', f'--config={cd_config}', f'--workdir={workdir}']
-  log = str(tmp_path / 'first.log')
-  with open(log, 'w') as f:
-    first = subprocess.Popen(command, cwd=REPO, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+  first, log = _start(tmp_path, cd_config, workdir)
   try:
-    _wait_for(lambda: 'edm run: steps 0 ->' in _read(log), first, log)
+    _wait_for_a_checkpoint(os.path.join(tdir, 'checkpoints'), first, log)
     first.send_signal(signal.SIGSTOP)  # Holds its locks, training the teacher, while we look.
     with open(rundir.lock_path(workdir)) as f:
       held = json.load(f)
     assert (held['pid'], held['host']) == (first.pid, socket.gethostname())
-    # Item 4: a second launch on the workdir is refused with one line.
-    second = _launch(f'--config={cd_config}', f'--workdir={workdir}')
-    assert second.returncode == 1
-    assert f'is locked by another launch (pid {first.pid} on {socket.gethostname()}' in _last_line(
-        second.stderr)
-    # Item 1: SIGTERM while the teacher trains stops the whole job, with the preemption exit code.
+    # A second launch (this process) is refused, before compiling.
+    with pytest.raises(WorkdirError, match=re.escape(
+        f'{workdir} is locked by another launch (pid {first.pid} on {socket.gethostname()}')):
+      train_mode.run(config_utils.load_config_file(cd_config), workdir)
+    # SIGTERM while the teacher trains stops the whole job, with the preemption exit code.
     first.send_signal(signal.SIGTERM)
     first.send_signal(signal.SIGCONT)
-    assert first.wait(timeout=300) == PREEMPTED_EXIT_CODE
+    assert first.wait(timeout=300) == PREEMPTED_EXIT_CODE, _read(log)[-3000:]
   finally:
     if first.poll() is None:
       first.kill()
-  output = _read(log)
-  assert 'Preemption notice while training the teacher' in output and 'Traceback' not in output, (
-      output[-3000:])
-  stopped_at = _steps(os.path.join(tdir, 'checkpoints'))[-1]
-  assert stopped_at < TEACHER_STEPS
+  assert 'Traceback' not in _read(log), _read(log)[-3000:]
+  assert _read(log).strip().splitlines()[-1].startswith('Preemption notice while training the '
+                                                        f'teacher in {tdir}: its checkpoint of step')
+  assert 5 <= _steps(os.path.join(tdir, 'checkpoints'))[-1] < 100_000
   assert not _steps(os.path.join(workdir, 'checkpoints'))  # No distillation of that teacher.
-  assert not os.path.exists(os.path.join(workdir, 'config.json'))
-  assert not os.path.exists(rundir.lock_path(workdir))
-  assert not os.path.exists(rundir.lock_path(tdir))
-  # Without training it, the unfinished teacher is refused, saying how to go on.
-  config = config_utils.load_config_file(cd_config)
-  config.teacher.train_if_missing = False
-  with pytest.raises(TeacherError, match=f'stopped at step {stopped_at} of its {TEACHER_STEPS}: '
-                                         'finish it with .*allow_unfinished=True'):
-    tiny.train(config, workdir)
-  # A lock left by a process that is gone (killed with -9) is taken over.
-  with open(rundir.lock_path(workdir), 'w') as f:
-    json.dump({'host': socket.gethostname(), 'pid': _dead_pid(), 'since': 'earlier'}, f)
-  # The same command again (in-process: the process-level behaviour is tested above): finishes the
-  # teacher first, then distils it.
-  with caplog.at_level(logging.WARNING):
-    out = train_mode.run(config_utils.load_config_file(cd_config), workdir)
-  assert not out.preempted and out.step == 4
-  assert any('Taking over the stale lock' in r.getMessage() for r in caplog.records)
-  assert _steps(os.path.join(tdir, 'checkpoints'))[-1] == TEACHER_STEPS
-  assert _steps(os.path.join(workdir, 'checkpoints'))[-1] == 4
-  assert not os.path.exists(rundir.lock_path(workdir))
+  assert not os.path.exists(rundir.lock_path(workdir)) and not os.path.exists(rundir.lock_path(tdir))
 
 
-def _dead_pid() -> int:
-  """The pid of a process that has exited (and been reaped)."""
-  proc = subprocess.Popen(['true'])
-  proc.wait()
-  return proc.pid
+@pytest.mark.slow
+def test_a_preempted_run_exits_with_the_preemption_code(tmp_path, digits_data_dir):
+  config = tmp_path / 'config.py'
+  config.write_text(textwrap.dedent(f'''
+      from tests import tiny
+      def get_config():
+        return tiny.constant_edm_config({digits_data_dir!r}, steps=100_000)
+  '''))
+  workdir = str(tmp_path / 'run')
+  proc, log = _start(tmp_path, str(config), workdir)
+  try:
+    _wait_for_a_checkpoint(os.path.join(workdir, 'checkpoints'), proc, log)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == PREEMPTED_EXIT_CODE, _read(log)[-3000:]  # Not 0: not finished.
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  step = _steps(os.path.join(workdir, 'checkpoints'))[-1]
+  assert 5 < step < 100_000  # Saved where it stopped, not only at the periodic step.
+  assert _last_line(_read(log)) == (f'Preemption notice: the checkpoint of step {step} is saved in '
+                                    f'{workdir}. Relaunch the same command to resume.')
