@@ -60,10 +60,13 @@ def check_finished(config, run: TeacherRun) -> None:
   """A teacher that stopped before its training.num_steps (preempted, killed) is refused unless
   teacher.allow_unfinished says to distil it as it is: a half-trained teacher gives a worse student
   without an error anywhere else."""
-  if (run.latest_step is None or run.saved_config is None or run.finished
-      or config.teacher.get('allow_unfinished', False)):
+  if run.latest_step is None or run.saved_config is None or run.finished:
     return  # A teacher without its config.json (e.g. converted weights) cannot be checked.
   total = run.saved_config['training']['num_steps']
+  if config.teacher.get('allow_unfinished', False):
+    logging.warning('The teacher run in %s stopped at step %d of its %d; distilling it as it is '
+                    '(teacher.allow_unfinished).', run.workdir, run.latest_step, total)
+    return
   raise TeacherError(f'The teacher run in {run.workdir} stopped at step {run.latest_step} of its '
                      f'{total}: finish it with `{train_command(config, run.workdir)}` (or relaunch '
                      'this command with --config.teacher.train_if_missing=True), or pass '
@@ -116,9 +119,6 @@ def check_usable(config, run: TeacherRun) -> None:
     raise TeacherError(f'No EDM teacher checkpoint in {run.workdir}. Train the teacher first: '
                        f'`{train_command(config, run.workdir)}`, or point --config.teacher.workdir at '
                        'a finished EDM run (or set --config.teacher.train_if_missing=True).')
-  if not run.finished:
-    logging.warning('The teacher run in %s is unfinished (step %d); distilling it anyway.', run.workdir,
-                    run.latest_step)
   saved = run.saved_config
   if saved is None:
     return

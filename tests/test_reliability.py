@@ -72,8 +72,8 @@ def no_training(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Item 6: a workdir that cannot be used is one line.
 # --------------------------------------------------------------------------------------------------
-def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, no_training):
-  config = tiny.edm_config('unused')
+def test_unusable_workdirs_are_one_line_before_compiling(tmp_path, no_training, digits_data_dir):
+  config = tiny.edm_config(digits_data_dir)
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a directory')
   # Components of 200 characters (the filesystem's limit is 255), about 3,980 in all: the folders
@@ -395,6 +395,8 @@ def test_a_preempted_teacher_stops_the_job_and_a_relaunch_finishes_it_first(trai
   with pytest.raises(TeacherError, match='stopped at step 7 of its 8: finish it with .*'
                                          'allow_unfinished=True to distil it as it is'):
     tiny.train(config, workdir)
+  config.teacher.allow_unfinished = True  # Told to, it is distilled as it is.
+  teacher.check_finished(config, teacher.find(config, workdir))
   # The same command again finishes the teacher first, then the student starts from it.
   out = train_mode.run(config_utils.load_config_file(cd_config), workdir)
   assert _steps(os.path.join(tdir, 'checkpoints'))[-1] == 8

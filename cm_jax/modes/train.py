@@ -7,9 +7,9 @@ teacher first, into teacher.workdir, with teacher.config: a finished teacher is 
 one stops the whole job (a relaunch finishes it first), and one that stopped before its num_steps is
 refused unless teacher.allow_unfinished is set.
 
-Before anything compiles: every sampler name is checked, the workdir is created, probed writable and
-locked against a second launch (cm_jax.rundir); config.json is written once the state is restored
-or created.
+Before anything compiles or is written: every sampler name and the dataset are checked; then the
+workdir is created, probed writable and locked against a second launch (cm_jax.rundir). config.json
+is written once the state is restored or created.
 """
 
 import dataclasses
@@ -21,8 +21,8 @@ import jax
 import ml_collections
 from clu import metric_writers
 
-from cm_jax import (config_utils, evaluators, experiment, inference, rundir, sharding, teacher,
-                    trainer)
+from cm_jax import (config_utils, data, evaluators, experiment, inference, rundir, sharding,
+                    teacher, trainer)
 from cm_jax.errors import Preempted, TeacherError
 from cm_jax.evaluators import image_metrics
 
@@ -73,11 +73,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, load_lpips=None,
   # Only training reads batches of training.batch_size: sampling a run on another device count works.
   sharding.check_batch(config.training.batch_size, exp.mesh)
   final = _check_samplers(exp)
+  # A dataset that is not prepared says how to prepare it before anything is written (the embedded
+  # digits are built, and a folder dataset converted, here on first use).
+  data.prepared_builder(config.data)
+  teacher_to_train = _teacher_to_train(config, workdir) if exp.method.uses_teacher() else None
   rundir.prepare(workdir)
   with rundir.locked(workdir):
     config_utils.check_workdir(config, workdir, exp.method.schedule_needs_num_steps())
-    if exp.method.uses_teacher():
-      _ensure_teacher(config, workdir)
+    if teacher_to_train is not None:
+      _train_teacher(config, teacher_to_train)
     grids = evaluators.create('grid', exp, every=config.training.sample_every)
     frozen = exp.load_frozen()
     experiment.log_parameter_overview(exp)
@@ -121,27 +125,31 @@ def _check_samplers(exp: experiment.Experiment) -> dict[str, Any]:
   return final
 
 
-def _ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains the teacher run first (teacher.train_if_missing) when it is missing or unfinished, then
-  refuses a teacher that did not reach its training.num_steps (teacher.allow_unfinished)."""
+def _teacher_to_train(config: ml_collections.ConfigDict, workdir: str) -> teacher.TeacherRun | None:
+  """The teacher run to train first, or None to distil the one there, checked before anything is
+  written: teacher.train_if_missing trains a missing or unfinished teacher, which must be of the
+  student's network (by its saved config, else by teacher.config's); otherwise the teacher must be
+  there, of the student's network and finished (unless teacher.allow_unfinished)."""
   found = teacher.find(config, workdir)
-  if not found.finished and config.teacher.train_if_missing:
-    _train_teacher(config, found)
-    found = teacher.find(config, workdir)
-  # Loading the teacher checks the rest and says what to do when it is missing.
-  teacher.check_finished(config, found)
+  if found.finished or not config.teacher.train_if_missing:
+    teacher.check_usable(config, found)
+    teacher.check_finished(config, found)
+    return None
+  if not config.teacher.config:
+    raise TeacherError('teacher.train_if_missing=True needs teacher.config (the EDM config file).')
+  if found.saved_config is not None:
+    teacher.check_fits(config, found.saved_config, found.workdir)
+  else:  # A teacher of another network would be refused only after all its training.
+    teacher.check_fits(config, config_utils.load_config_file(config.teacher.config).to_dict(),
+                       found.workdir, f'The teacher config {config.teacher.config}')
+  return found
 
 
 def _train_teacher(config: ml_collections.ConfigDict, found: teacher.TeacherRun) -> None:
-  if not config.teacher.config:
-    raise TeacherError('teacher.train_if_missing=True needs teacher.config (the EDM config file).')
   teacher_config = config_utils.load_config_file(config.teacher.config)
   teacher_config.mesh = config.mesh  # The teacher trains on the same devices.
   if found.saved_config is not None:
     teacher_config.allow_other_config = False
-  else:  # A teacher of another network would be refused only after all its training.
-    teacher.check_fits(config, teacher_config.to_dict(), found.workdir,
-                       f'The teacher config {config.teacher.config}')
   logging.info('Training the EDM teacher into %s (config %s) first.', found.workdir,
                config.teacher.config)
   outcome = run(teacher_config, found.workdir)
