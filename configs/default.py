@@ -122,6 +122,9 @@ def get_config() -> ml_collections.ConfigDict:
   teacher.workdir = ''  # '' means <workdir>/teacher.
   teacher.config = ''  # The teacher run's config file (its model must match this model).
   teacher.train_if_missing = False  # Train the teacher into teacher.workdir first if it is not there.
+  # A teacher run that stopped before its training.num_steps (preempted, killed) is refused; True
+  # distils it as it is.
+  teacher.allow_unfinished = False
   teacher.ema_index = 0  # Which of the teacher run's EMA copies to distil.
   # Where a CD student starts: 'ema' (every copy from that EMA copy, as openai/consistency_models) or
   # 'online_and_ema' (online params from the teacher's online params, EMA copies from its EMA, as

@@ -19,6 +19,17 @@ def edm_config(data_dir: str, steps: int = 4):
   return shrink(digits_edm.get_config(), data_dir, steps)
 
 
+def constant_edm_config(data_dir: str, steps: int):
+  """edm_config at a constant learning rate, checkpointing every 5 steps and without final samples:
+  its compiled step does not depend on num_steps, so runs of any length, in the test process or in
+  the processes it launches (through the shared compilation cache), compile it once."""
+  config = edm_config(data_dir, steps)
+  config.training.lr_decay = 'constant'
+  config.training.checkpoint_every = 5
+  config.training.final_samplers = ()
+  return config
+
+
 def cd_config(data_dir: str, teacher_workdir: str, steps: int = 4):
   config = shrink(digits_cd.get_config(), data_dir, steps)
   config.teacher.workdir = teacher_workdir
