@@ -10,6 +10,10 @@ def shrink(config, data_dir: str, steps: int = 4):
   t = config.training
   t.batch_size, t.num_steps, t.log_every, t.checkpoint_every = 16, steps, 2, 2
   t.warmup_steps, t.num_grid_samples = 0, 16
+  # A constant rate: the compiled step then does not depend on num_steps, so runs of different
+  # lengths share one executable through the session's compilation cache (tests of the cosine
+  # schedule set it themselves).
+  t.lr_decay = 'constant'
   config.sampling.num_samples, config.sampling.batch_size, config.sampling.num_steps = 16, 16, 3
   config.data.data_dir = data_dir
   return config
@@ -20,11 +24,10 @@ def edm_config(data_dir: str, steps: int = 4):
 
 
 def constant_edm_config(data_dir: str, steps: int):
-  """edm_config at a constant learning rate, checkpointing every 5 steps and without final samples:
+  """edm_config checkpointing every 5 steps and without final samples:
   its compiled step does not depend on num_steps, so runs of any length, in the test process or in
   the processes it launches (through the shared compilation cache), compile it once."""
   config = edm_config(data_dir, steps)
-  config.training.lr_decay = 'constant'
   config.training.checkpoint_every = 5
   config.training.final_samplers = ()
   return config
