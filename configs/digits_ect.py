@@ -12,6 +12,16 @@ ECT's constants (configs/default.py `ect`, from locuslab/ect's CIFAR-10 run) kep
 2.0), the sigmoid mapping with k = 8, b = 1, c = 0 (the L2 norm), weighting 1/(t - r), RAdam with
 betas (0.9, 0.999), no gradient clipping, the same noise and dropout key for both calls, batch 128.
 Changed for a run of minutes on 2 CPU cores instead of 200k steps on a GPU:
+- 2000 steps, the CD stage's budget in configs/digits_cd.py (an ECT step costs a CT step, less than
+  a CD step: benchmarks/results/digits_ect_b128_cpu.md).
+- The stage advances every 500 steps (4 stages, t - r down to 1/16 of n(t) t), where ECT's 200k
+  steps make 8 stages of 25k: the same halving of the step, compressed to the run's length.
+- RAdam at 4e-4 with a cosine decay and EMA 0.999, as digits_cd (ECT's constant 1e-4 and EMA 0.9999
+  average over 10k steps, longer than this whole run).
+- Dropout 0.1, the teacher's (ECT raises EDM's 0.13 to 0.2 on CIFAR-10; not tuned here).
+- The 2-step intermediate time is ECT's CIFAR-10 mid_t = 0.821, not tuned for 8x8 digits; between
+  the steps the output is clamped to [-1, 1] (sampling.clip_denoised, as the other digits runs; ECT's
+  sampler does not clamp, as configs/cifar10_ect.py).
 """
 
 from configs import default, digits_edm
