@@ -10,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, experiment
+from cm_jax import checkpointing, convert, experiment
 from cm_jax.errors import ConfigError
 from cm_jax.methods import ect
 from cm_jax.modes import train as train_mode
 from configs import cifar10_ect, default, digits_ect, imagenet64_ect
 from tests import gaussian, tiny
+
+FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'convert')
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,6 +227,10 @@ def test_digits_ect_builds_and_user_errors_name_the_field():
     with pytest.raises(ConfigError, match=message):
       experiment.build(bad, '')
   bad = digits_ect.get_config()
+  bad.teacher.student_init = 'online_and_ema'
+  with pytest.raises(ConfigError, match="teacher.student_init='online_and_ema'"):
+    experiment.build(bad, '')
+  bad = digits_ect.get_config()
   bad.teacher.config = ''
   with pytest.raises(ConfigError, match='starts from an EDM run'):
     experiment.build(bad, '')
@@ -233,27 +239,29 @@ def test_digits_ect_builds_and_user_errors_name_the_field():
 # --------------------------------------------------------------------------------------------------
 # A tiny run: starts from the teacher's EMA, no teacher or target in the step, 1- and 2-step samples.
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_ect_starts_from_the_teacher_and_samples(tmp_path, digits_data_dir):
+  """The teacher is the converted EDM fixture of tests/test_convert.py (tests/tiny.py's network):
+  no teacher training, and ECT from a converted EDM checkpoint, as the issue asks."""
   teacher_dir = str(tmp_path / 'teacher')
-  tiny.train(tiny.edm_config(digits_data_dir, steps=2), teacher_dir)
+  convert.convert(tiny.edm_config(digits_data_dir), os.path.join(FIXTURES, 'edm_ncsnpp_tiny.pkl'),
+                  teacher_dir, log=lambda line: None)
+  config = tiny.shrink(digits_ect.get_config(), digits_data_dir, steps=2)
+  config.teacher.workdir, config.teacher.train_if_missing = teacher_dir, False
+  config.ect.stage_images = config.training.batch_size  # A stage per step: stages 0 and 1.
 
-  def config(steps):
-    c = tiny.shrink(digits_ect.get_config(), digits_data_dir, steps)
-    c.teacher.workdir, c.teacher.train_if_missing = teacher_dir, False
-    c.ect.stage_images = 2 * c.training.batch_size  # Stages 0, 0, 0, 1 over 4 steps.
-    return c
-
-  start = tiny.train(config(0), str(tmp_path / 'ect0'))
   ckpt = checkpointing.Checkpointer(os.path.join(teacher_dir, 'checkpoints'), read_only=True)
-  abstract = checkpointing.with_shardings(start.exp.abstract_state, start.exp.state_shardings)
-  teacher = ckpt.restore_items(ckpt.latest_step(), {'ema_params': abstract.ema_params}
-                               )['ema_params'][0]
+  exp = experiment.build(config, str(tmp_path / 'ect'))
+  abstract = checkpointing.with_shardings(exp.abstract_state, exp.state_shardings)
+  teacher_ema = ckpt.restore_items(ckpt.latest_step(), {'ema_params': abstract.ema_params}
+                                   )['ema_params'][0]
   ckpt.close()
+  start = exp.method.initial_weights(exp.resources)  # Every copy from the teacher's EMA.
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert same(start.state.params, teacher) and same(start.state.ema_params[0], teacher)
+  assert start.ema is None and same(start.params, teacher_ema)
 
-  out = train_mode.run(config(4), str(tmp_path / 'ect'))
+  out = train_mode.run(config, str(tmp_path / 'ect'))
   assert out.frozen == {} and out.state.extra == {}
-  assert np.isfinite([loss for _, loss in out.losses]).all() and len(out.losses) == 4
-  assert not same(out.state.params, teacher)
+  assert np.isfinite([loss for _, loss in out.losses]).all() and len(out.losses) == 2
+  assert not same(out.state.params, teacher_ema)
   assert {name: r['nfe'] for name, r in out.samples.items()} == {'onestep': 1, 'multistep': 2}

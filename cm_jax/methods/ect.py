@@ -174,6 +174,9 @@ class ECT(ConsistencyModel):
     if not config.teacher.config and not config.teacher.workdir:
       raise ConfigError('An ect run starts from an EDM run\'s weights: set teacher.config (the EDM '
                         'config file) and/or teacher.workdir (a finished EDM run).')
+    if config.teacher.student_init != 'ema':
+      raise ConfigError(f'teacher.student_init={config.teacher.student_init!r}: an ect run starts '
+                        'every copy from the teacher\'s EMA (ECT\'s --transfer); leave it at \'ema\'.')
     if not e.q > 1.0:
       raise ConfigError(f'ect.q={e.q} must be > 1: t - r shrinks by q at every stage.')
     if e.p_std <= 0 or e.huber_c < 0 or e.b < 0 or e.k < 0:
