@@ -4,7 +4,8 @@ r"""Digits FD against training time for consistency runs on the same data: one P
       --run=ECT=runs/fig/ect --bench=benchmarks/results/digits_ect_b128_cpu.json \
       --out=docs/digits_fd_vs_time.png
 
-Each run must have kept its checkpoints (train it with `--config.training.checkpoint_every=250
+Runs whose folder holds no run or no checkpoint are left out (named in the title and the log), so
+the figure shows what exists. Each run should have kept its checkpoints (train it with `--config.training.checkpoint_every=250
 --config.training.keep_checkpoints=100`; README, "ECT"). For every checkpoint, the samples of
 --samplers (1000 by default, the run's sampling.seed and EMA copy) are scored with the digits metric;
 the scores are cached in <workdir>/fd_by_step.json, so a second call only plots. A run that starts
@@ -224,6 +225,31 @@ def curves_of(runs: Sequence[tuple[str, str]], bench_result: dict, samplers: Seq
   return curves, sorted(markers.items())
 
 
+def _checkpoint_steps(workdir: str) -> list[int]:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  ckpt = checkpointing.Checkpointer(directory, read_only=True)
+  try:
+    return ckpt.all_steps()
+  finally:
+    ckpt.close()
+
+
+def existing_runs(runs: Sequence[tuple[str, str]]
+                  ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+  """(runs that can be drawn, [(label, why not)] for the others): a figure of what exists."""
+  found, missing = [], []
+  for label, workdir in runs:
+    if config_utils.read_saved_config(workdir) is None:
+      missing.append((label, f'{workdir} holds no run'))
+    elif not _checkpoint_steps(workdir):
+      missing.append((label, f'{workdir} has no checkpoint'))
+    else:
+      found.append((label, workdir))
+  return found, missing
+
+
 def main(argv) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
@@ -239,6 +265,11 @@ def main(argv) -> None:
     if not sep or not label or not workdir:
       sys.exit(f'--run={spec}: use LABEL=WORKDIR, e.g. --run=ECT=runs/digits_ect.')
     runs.append((label, os.path.abspath(workdir)))
+  runs, missing = existing_runs(runs)
+  for label, why in missing:
+    logging.warning('Not drawn: %s (%s).', label, why)
+  if not runs:
+    sys.exit('None of the --run folders holds a run with checkpoints: nothing to draw.')
   with open(flag_values.bench) as f:
     bench_result = json.load(f)
   curves, markers = curves_of(runs, bench_result, flag_values.samplers, flag_values.num_samples,
@@ -247,9 +278,12 @@ def main(argv) -> None:
   x_label = (f'training time (min), steps x step time measured on {machine["num_devices"]} x '
              f'{machine["device_kind"]} ({machine["host_cores"]} cores)')
   if jax.process_index() == 0:
-    draw_figure(curves, flag_values.out, flag_values.title, x_label,
-                [(x, text) for x, text in markers])
-    print('Wrote', flag_values.out)
+    title = flag_values.title
+    if missing:
+      title += f' (no run: {", ".join(label for label, _ in missing)})'
+    draw_figure(curves, flag_values.out, title, x_label, [(x, text) for x, text in markers])
+    print('Wrote', flag_values.out, f'without {", ".join(label for label, _ in missing)}'
+          if missing else '')
     for curve in curves:
       print(curve['label'], ' '.join(f'({x:.2f} min, {y:.2f})' for x, y in sorted(curve['points'])))
 

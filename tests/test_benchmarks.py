@@ -129,3 +129,24 @@ def test_the_fd_figure_is_a_png_with_log_ticks(tmp_path):
   fd_vs_time.draw_figure(curves, path, 'title', 'minutes', [(6.2, 'teacher trained')])
   with Image.open(path) as image:
     assert image.format == 'PNG' and image.size == (1100, 700)
+
+
+def test_the_fd_figure_draws_the_runs_that_exist(tmp_path):
+  """A figure of whatever runs exist: folders without a run or without checkpoints are named, not
+  drawn (no run is scored here: that needs the digits metric)."""
+  import numpy as np
+  from benchmarks import fd_vs_time
+  from cm_jax import checkpointing, config_utils
+  from configs import digits_ect
+  runs = {name: str(tmp_path / name) for name in ('cd', 'ict', 'ect')}
+  for name in ('ict', 'ect'):
+    os.makedirs(runs[name])
+    config_utils.save_config(digits_ect.get_config(), runs[name])
+  ckpt = checkpointing.Checkpointer(os.path.join(runs['ect'], 'checkpoints'), async_save=False)
+  ckpt.save(250, {'params': {'w': np.zeros(2, np.float32)}}, {'step': 250})
+  ckpt.close()
+  found, missing = fd_vs_time.existing_runs([('CD', runs['cd']), ('iCT', runs['ict']),
+                                             ('ECT', runs['ect'])])
+  assert found == [('ECT', runs['ect'])]
+  assert [(label, why.split(' ', 1)[1]) for label, why in missing] == [
+      ('CD', 'holds no run'), ('iCT', 'has no checkpoint')]
