@@ -18,8 +18,16 @@ mapping from the start).
 
 Kept different (all forced by what this project has):
 - The network: ECT tunes EDM's DDPM++ (SongUNet, positional embedding, 55.7M parameters) from
-  NVlabs' edm-cifar10-32x32-uncond-vp.pkl; here the teacher is our NCSN++ EDM run (cifar10_edm,
-  56.4M). Point teacher.workdir at a converted EDM checkpoint once the converter exists.
+  NVlabs' edm-cifar10-32x32-uncond-vp.pkl; by default the teacher here is our NCSN++ EDM run
+  (cifar10_edm, 56.4M). ECT's own start, converted (README, "Using the released models"), takes
+  the DDPM++ overrides on both commands:
+
+    M='--config.model.embedding_type=positional --config.model.progressive_input=none
+       --config.model.fir_kernel=(1,1)'
+    python -m cm_jax.convert --source=edm-cifar10-32x32-uncond-vp.pkl \
+        --config=configs/cifar10_edm.py --workdir=runs/cifar10_edm_vp $M
+    python launch.py --config=configs/cifar10_ect.py --workdir=runs/cifar10_ect_vp \
+        --config.teacher.workdir=runs/cifar10_edm_vp $M --config.data.data_dir=/path/to/tfds
 - The boundary of the sampled consistency function is noise.sigma_min = 0.002 (the teacher's; ECT's
   ECMPrecond evaluates with 0.003): a relative 0.1% change of c_out at t = 0.821.
 - Float32 sampling (the reference samples in float64).
