@@ -5,18 +5,21 @@ r"""Digits FD against training time for consistency runs on the same data: one P
       --out=docs/digits_fd_vs_time.png
 
 Runs whose folder holds no run or no checkpoint are left out (named in the title and the log), so
-the figure shows what exists. Each run should have kept its checkpoints (train it with `--config.training.checkpoint_every=250
---config.training.keep_checkpoints=100`; README, "ECT"). For every checkpoint, the samples of
---samplers (1000 by default, the run's sampling.seed and EMA copy) are scored with the digits metric;
-the scores are cached in <workdir>/fd_by_step.json, so a second call only plots. A run that starts
-from a teacher's weights (CD, ECT) also gets its step 0: the teacher itself, sampled in 1 or 2 steps.
+the figure shows what exists. Each run should keep its checkpoints (train it with
+`--config.training.checkpoint_every=250 --config.training.keep_checkpoints=100`; README, "ECT").
+For every checkpoint, the samples of --samplers (1000 by default, the run's sampling.seed and EMA
+copy) are scored with the digits metric; the scores are cached in <workdir>/fd_by_step.json, so a
+second call only plots. A run that starts from a teacher's weights (CD, ECT) also gets its step 0:
+the teacher itself, sampled in 1 or 2 steps.
 
 Time is steps times the method's training step time from a benchmark JSON (`python -m
 benchmarks.run --config=configs/digits_ect.py --methods=edm,cd,ict,ect --skip_sampling`: median
 seconds of the step on that machine, random weights, no data loading), not the runs' own wall
-clocks, which a shared machine's load distorts. Runs from a teacher start after the teacher's own
-training (its steps times the EDM step), so the curves compare the whole cost; --no_teacher_time
-starts every curve at 0. The PNG is drawn with Pillow (a project dependency): no plotting library.
+clocks, which a shared machine's load distorts. --step_time_of=ect=ct times a method the JSON lacks
+with another's step of the same cost (the x label says so). Runs from a teacher start after the
+teacher's own training (its steps times the EDM step), so the curves compare the whole cost;
+--no_teacher_time starts every curve at 0. The PNG is drawn with Pillow (a project dependency): no
+plotting library.
 """
 
 import json
@@ -93,8 +96,10 @@ def score_run(workdir: str, samplers: Sequence[str], num_samples: int) -> dict[i
   return {s: cache[s] for s in steps}
 
 
-def step_seconds(bench_result: dict, label: str) -> float:
+def step_seconds(bench_result: dict, label: str, stand_ins: dict[str, str] | None = None) -> float:
+  """The benchmark's median step time of method `label`, or of its stand-in (--step_time_of)."""
   train = bench_result['train']
+  label = (stand_ins or {}).get(label, label)
   if label not in train:
     raise KeyError(f'The benchmark JSON has no {label!r} step (it has {", ".join(train)}): rerun '
                    f'it with --methods including {label}.')
@@ -207,13 +212,14 @@ SAMPLER_NAMES = {'onestep': '1-step', 'multistep': '2-step'}
 
 
 def curves_of(runs: Sequence[tuple[str, str]], bench_result: dict, samplers: Sequence[str],
-              num_samples: int, teacher_time: bool) -> tuple[list[dict], list[tuple[float, str]]]:
+              num_samples: int, teacher_time: bool, stand_ins: dict[str, str] | None = None
+              ) -> tuple[list[dict], list[tuple[float, str]]]:
   """The figure's curves (x in minutes) and its markers (where teachers finish training)."""
   curves, markers = [], {}
   for i, (label, workdir) in enumerate(runs):
     config = saved_config(workdir)
     scores = score_run(workdir, samplers, num_samples)
-    per_step = step_seconds(bench_result, bench.method_label(config))
+    per_step = step_seconds(bench_result, bench.method_label(config), stand_ins)
     offset = teacher_seconds(workdir, config, bench_result) if teacher_time else 0.0
     if offset:
       markers[round(offset / 60, 3)] = 'teacher trained'
@@ -272,11 +278,13 @@ def main(argv) -> None:
     sys.exit('None of the --run folders holds a run with checkpoints: nothing to draw.')
   with open(flag_values.bench) as f:
     bench_result = json.load(f)
+  stand_ins = dict(spec.split('=', 1) for spec in flag_values.step_time_of)
   curves, markers = curves_of(runs, bench_result, flag_values.samplers, flag_values.num_samples,
-                              not flag_values.no_teacher_time)
+                              not flag_values.no_teacher_time, stand_ins)
   machine = bench_result['machine']
   x_label = (f'training time (min), steps x step time measured on {machine["num_devices"]} x '
-             f'{machine["device_kind"]} ({machine["host_cores"]} cores)')
+             f'{machine["device_kind"]} ({machine["host_cores"]} cores)'
+             + ''.join(f'; {a} timed as {b}' for a, b in stand_ins.items()))
   if jax.process_index() == 0:
     title = flag_values.title
     if missing:
@@ -290,8 +298,10 @@ def main(argv) -> None:
 
 def define_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_multi_string('run', [], 'LABEL=WORKDIR of a run that kept its checkpoints.')
-  flags.DEFINE_string('bench', '', 'A benchmarks.run JSON with the step times of these methods.')
+  flags.DEFINE_multi_string('run', None, 'LABEL=WORKDIR of a run that kept its checkpoints.')
+  flags.DEFINE_string('bench', None, 'A benchmarks.run JSON with the step times of these methods.')
+  flags.DEFINE_multi_string('step_time_of', [], 'METHOD=OTHER: time METHOD\'s steps with OTHER\'s '
+                            'step in --bench (e.g. ect=ct, the same FLOPs), for a method it lacks.')
   flags.DEFINE_list('samplers', ['onestep', 'multistep'], 'Samplers scored at each checkpoint.')
   flags.DEFINE_integer('num_samples', 1000, 'Samples per sampler and checkpoint.')
   flags.DEFINE_bool('no_teacher_time', False, 'Start runs from a teacher at 0, not after it.')

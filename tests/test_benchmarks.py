@@ -119,6 +119,7 @@ def test_the_fd_figure_is_a_png_with_log_ticks(tmp_path):
   assert fd_vs_time._nice_ticks(0.0, 9.7) == [0, 2, 4, 6, 8]
   result = {'train': {'edm': {'step': {'median_s': 0.15}}, 'ect': {'step': {'median_s': 0.16}}}}
   assert fd_vs_time.step_seconds(result, 'ect') == 0.16
+  assert fd_vs_time.step_seconds(result, 'ect', {'ect': 'edm'}) == 0.15  # --step_time_of=ect=edm.
   with pytest.raises(KeyError, match="no 'cd' step"):
     fd_vs_time.step_seconds(result, 'cd')
   curves = [{'label': 'ECT 1-step', 'colour': (0, 0, 0), 'dashed': False,
