@@ -9,12 +9,13 @@ from cm_jax.errors import choose
 from cm_jax.methods.base import OWN_PARAMS, TEACHER, InitialWeights, Method, Resources, Sampler
 from cm_jax.methods.cd import CD
 from cm_jax.methods.ct import CT
+from cm_jax.methods.ect import ECT
 from cm_jax.methods.edm import EDM
 
 __all__ = ['OWN_PARAMS', 'TEACHER', 'InitialWeights', 'Method', 'Resources', 'Sampler', 'get', 'names',
            'register']
 
-_REGISTERED: dict[str, type[Method]] = {cls.name: cls for cls in (EDM, CD, CT)}
+_REGISTERED: dict[str, type[Method]] = {cls.name: cls for cls in (EDM, CD, CT, ECT)}
 
 
 def register(cls: type[Method]) -> type[Method]:
