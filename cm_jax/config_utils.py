@@ -11,8 +11,8 @@ import re
 
 import ml_collections
 
-from cm_jax import files
-from cm_jax.errors import ConfigError, WorkdirError
+from cm_jax import files, trigflow
+from cm_jax.errors import ConfigError, WorkdirError, choose
 
 # Fields that moved to another block: their old dotted name -> the new one. Saved configs of older
 # runs are read with them moved (`migrate`), and an override of an old name says where it went.
@@ -87,6 +87,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 < n.sigma_min < n.sigma_max:
     raise ConfigError(f'noise.sigma_min={n.sigma_min} and sigma_max={n.sigma_max} must satisfy '
                       '0 < sigma_min < sigma_max.')
+  choose(dict.fromkeys(trigflow.TIME_CONDITIONINGS), n.get('time_conditioning', 'log_sigma'),
+         'noise.time_conditioning')
   if config.data.image_size < 1 or config.data.num_channels not in (1, 3):
     raise ConfigError(f'data.image_size={config.data.image_size} and data.num_channels='
                       f'{config.data.num_channels}: need a positive size and 1 or 3 channels.')

@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The network is conditioned on c_noise = noise_cond_scale * ln(sigma) / 4. EDM uses 1; the
   # consistency-model reference code uses 1000 (with the Fourier scale chosen to match).
   noise.noise_cond_scale = 1.0
+  # What c_noise is a function of: 'log_sigma' (EDM, ln(sigma) / 4) or 'trigflow' (TrigFlow's
+  # t = arctan(sigma / sigma_data), sCM Sec. 4.1), times noise_cond_scale either way.
+  noise.time_conditioning = 'log_sigma'
 
   # EDM teacher training (EDM paper): ln(sigma) ~ N(p_mean, p_std^2).
   config.edm = edm = ml_collections.ConfigDict()
