@@ -61,6 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   # QKV layout of the attention projection: True splits [q | k | v] before heads (consistency_models'
   # flash-attention layout); False splits heads first (guided-diffusion's legacy order).
   model.use_new_attention_order = False
+  # sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1): the noise embedding enters every
+  # residual block as GroupNorm(h) * pnorm(scale) + pnorm(shift), pnorm the pixel norm over channels.
+  # NCSN++: replaces the added bias (its projection then has 2x the channels); ADM: replaces
+  # use_scale_shift_norm's (1 + scale), shift. Off leaves every network as it was.
+  model.adaptive_double_norm = False
   model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
 

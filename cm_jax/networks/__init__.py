@@ -101,6 +101,14 @@ def _flags(model_config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict
   return flags
 
 
+def _adaptive_double_norm(model_config: ml_collections.ConfigDict) -> bool:
+  # Added with sCM: model configs written before it (e.g. by hand) mean the networks as they were.
+  value = model_config.get('adaptive_double_norm', False)
+  if not isinstance(value, bool):
+    raise ConfigError(f'config.model.adaptive_double_norm must be True or False, got {value!r}.')
+  return value
+
+
 def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_channels: int) -> nn.Module:
   """Builds the network that `model_config.name` names, after checking the config against the data.
 
@@ -172,6 +180,7 @@ def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int) -> NCSNpp:
         f'got {fir_kernel!r}.') from None
   dtype = _dtype(model_config)
   flags = _flags(model_config, ('resamp_with_conv', 'fir', 'skip_rescale'))
+  flags['adaptive_double_norm'] = _adaptive_double_norm(model_config)
 
   return NCSNpp(
       nf=nf,
@@ -239,6 +248,10 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
   dropout = _dropout(model_config)
   dtype = _dtype(model_config)
   flags = _flags(model_config, ('use_scale_shift_norm', 'resblock_updown', 'use_new_attention_order'))
+  flags['adaptive_double_norm'] = _adaptive_double_norm(model_config)
+  if flags['adaptive_double_norm'] and not flags['use_scale_shift_norm']:
+    raise ConfigError('config.model.adaptive_double_norm=True normalises the scale and shift of ADM\'s '
+                      'scale-shift norm: set config.model.use_scale_shift_norm=True as well.')
   return ADM(
       nf=nf,
       ch_mult=ch_mult,

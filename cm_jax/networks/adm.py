@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cm_jax.networks import layers
+
 Dtype = Any
 
 # guided-diffusion's `normalization`: GroupNorm with 32 groups and PyTorch's epsilon.
@@ -119,6 +121,7 @@ class ResBlock(nn.Module):
   out_ch: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = True
+  adaptive_double_norm: bool = False  # Needs use_scale_shift_norm.
   up: bool = False
   down: bool = False
   dtype: Dtype = jnp.float32
@@ -136,7 +139,13 @@ class ResBlock(nn.Module):
     emb_features = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
     emb_out = _dense(nn.silu(emb), emb_features, 'emb_proj', jnp.float32)
     emb_out = emb_out.astype(h.dtype)[:, None, None, :]
-    if self.use_scale_shift_norm:
+    if self.use_scale_shift_norm and self.adaptive_double_norm:
+      # sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1): GN(h) * pnorm(scale) +
+      # pnorm(shift), each pixel-normalised over its channels (in float32, as the embedding).
+      scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
+      h = (_group_norm(h, 'out_norm') * layers.pixel_norm(scale).astype(h.dtype)
+           + layers.pixel_norm(shift).astype(h.dtype))
+    elif self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = _group_norm(h, 'out_norm') * (1 + scale) + shift
     else:
@@ -194,6 +203,7 @@ class ADM(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   num_classes: int = 0
+  adaptive_double_norm: bool = False  # sCM's, in place of the (1 + scale), shift of scale-shift norm.
   dtype: Dtype = jnp.float32  # Compute dtype; parameters are always float32.
 
   def _heads(self, channels: int, upsampling: bool) -> int:
@@ -232,7 +242,8 @@ class ADM(nn.Module):
 
     def res_block(name, out_ch, up=False, down=False):
       return ResBlock(out_ch=out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      up=up, down=down, dtype=dtype, name=name)
+                      adaptive_double_norm=self.adaptive_double_norm, up=up, down=down, dtype=dtype,
+                      name=name)
 
     def attention(name, channels, upsampling=False):
       return AttentionBlock(num_heads=self._heads(channels, upsampling),
