@@ -10,8 +10,9 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # Which objective trains the network: 'edm' (diffusion teacher), 'cd' (consistency distillation) or
-  # 'ct' (consistency training; the iCT improvements are switches under `consistency`).
+  # Which objective trains the network: 'edm' (diffusion teacher), 'cd' (consistency distillation),
+  # 'ct' (consistency training; the iCT improvements are switches under `consistency`), or the
+  # continuous-time 'scd' / 'sct' (sCM, Lu & Song 2024; switches under `scm`).
   config.method = 'edm'
   config.seed = 0
   # Resuming a workdir whose saved config differs (beyond step counts, logging and sampling) is
@@ -106,6 +107,34 @@ def get_config() -> ml_collections.ConfigDict:
   # LPIPS's pooling between VGG stages: 'max' (the lpips package, the CIFAR-10 reference) or 'avg'
   # (piq.LPIPS(replace_pooling=True), the ImageNet-64 and LSUN reference).
   cons.lpips_pooling = 'max'
+
+  # Continuous-time consistency models, sCT and sCD (Lu & Song 2024, arXiv 2410.11081; cm_jax/trigflow.py).
+  # Each stabiliser is a switch here; noise.time_conditioning = 'trigflow', model.embedding_type =
+  # 'positional' and model.adaptive_double_norm are the network changes the paper makes.
+  config.scm = scm = ml_collections.ConfigDict()
+  scm.p_mean = -1.0  # tan(t) = e^tau / sigma_data, tau ~ N(p_mean, p_std^2) (CIFAR-10: -1.0, 1.4).
+  scm.p_std = 1.4
+  scm.tangent_warmup_steps = 10_000  # H: r = min(1, step / H) on g's second term; 0 turns it off.
+  # Tangent normalisation g / (||g|| + c): 'rms' (||g|| as an RMS over the example, NVlabs/FastGen's
+  # default), 'l2' (the plain norm, the paper's text), 'clip' (clip(g, -1, 1)) or 'none'.
+  scm.tangent_norm = 'rms'
+  scm.tangent_norm_const = 0.1  # c
+  # The adaptive weighting w_phi(t) (Sec. 4.2, App. D): a linear layer on Fourier features of
+  # ln(sigma) / 4, trained with the network (its params are trained state beside the params).
+  scm.adaptive_weight = True
+  scm.adaptive_weight_features = 128
+  # An extra 1 / (sigma_data tan t) on the loss, as NVlabs/FastGen; the paper's eq. 8 has the prior
+  # weighting only inside g (as its cos(t)).
+  scm.prior_weighting = False
+  # The JVP's compute dtype: '' as model.dtype (one fused pass with the forward), or 'float32' (a
+  # separate float32 pass while the model computes in bfloat16, as FastGen's precision_amp_jvp).
+  scm.jvp_dtype = ''
+  # TrigFlow times of multistep sampling after t_max = arctan(sigma_max / sigma_data) (the paper's
+  # 2-step: t = 1.1). sampling.sigmas, when given, replaces (t_max,) + these.
+  scm.multistep_times = (1.1,)
+  # sCD with classifier-free guidance of a class-conditional teacher (1: none). Needs a teacher with
+  # an unconditional mode, which cm_jax's EDM runs do not train yet.
+  scm.guidance_scale = 1.0
 
   # The EDM teacher run: the one a CD run distils, or the one whose weights a CT run starts from
   # (when set; CT runs from scratch otherwise).
