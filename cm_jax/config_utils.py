@@ -24,7 +24,8 @@ RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.check
                      'training.keep_checkpoints', 'training.sample_every',
                      'training.num_grid_samples', 'training.final_samplers', 'sampling', 'eval',
                      'edit',
-                     'mesh', 'data.data_dir', 'teacher.train_if_missing', 'teacher.workdir',
+                     'mesh', 'data.data_dir', 'data.loader', 'teacher.train_if_missing',
+                     'teacher.workdir',
                      'teacher.config', 'allow_other_config')
 
 

@@ -28,13 +28,17 @@ class PretrainedWeightsNotFoundError(FileNotFoundError):
   """A converted pretrained-network file (Inception, LPIPS) is not where it is looked for."""
 
 
+class ConversionError(ValueError):
+  """A checkpoint to convert (cm_jax.convert) cannot be read, or does not fit the config."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
 # What launch.py reports as a one-line error instead of a traceback.
 USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError,
-               PretrainedWeightsNotFoundError)
+               PretrainedWeightsNotFoundError, ConversionError)
 
 
 def choose(table: Mapping[str, _T], value: str, field: str) -> _T:

@@ -173,6 +173,7 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
     with ckpt.watch_sigterm():
       return _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, report, hooks, start_step)
   finally:
+    pipeline.close()
     ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
     writer.flush()
 
@@ -182,8 +183,11 @@ def _loop(exp: Experiment, state: TrainState, frozen, train_step, pipeline, ckpt
   training = exp.config.training
   pending, last_saved, history = [], ckpt.latest_step(), []
   step = start_step
+  # Read ahead from start_step: the reader keeps no state of its own, so a resumed run continues on
+  # exactly the batches an uninterrupted one sees (`train` closes it, stopping its workers).
+  batches = pipeline.batches(start_step, training.num_steps)
   while step < training.num_steps:
-    batch = pipeline.get_batch(step)
+    batch = next(batches)
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = train_step(state, frozen, batch, jnp.asarray(step, jnp.int32))
     pending.append((step, metrics))

@@ -20,8 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.allow_other_config = False
 
   config.data = data = ml_collections.ConfigDict()
-  # A TFDS name: 'sklearn_digits' (embedded, built locally), 'cifar10', 'downsampled_imagenet/64x64',
-  # 'lsun/bedroom', ...
+  # A TFDS name: 'sklearn_digits' (embedded, built locally), 'cifar10', 'imagenet_resized/64x64',
+  # 'lsun/bedroom', ... prepared as ArrayRecord files; or 'folder:/path/to/images', a folder of the
+  # user's PNG/JPEG files, converted into such a dataset on first use (cm_jax/datasets/prepare.py).
   data.name = 'sklearn_digits'
   data.data_dir = ''  # '' means the TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR).
   data.split = 'train'
@@ -30,6 +31,22 @@ def get_config() -> ml_collections.ConfigDict:
   data.num_channels = 1
   data.random_flip = False
   data.num_classes = 10  # Labels the dataset has (for metrics); the network uses model.num_classes.
+  # How images that are not image_size squares become squares: 'adm' (openai/consistency_models'
+  # center_crop_arr: box-halving, bicubic resize of the short side, central crop; its ImageNet and
+  # LSUN loader) or 'box' (its LSUN export: one box resize of the short side, central crop).
+  data.resize = 'adm'
+  # folder: datasets only. Labels from the names of the first-level subfolders (sorted).
+  data.folder_labels = False
+  # folder: datasets only. Files that cannot be used (unreadable, a mode that is not the dataset's,
+  # smaller than image_size) are listed with their paths, then 'refuse'd (nothing is trained) or
+  # 'skip'ped (trained without them).
+  data.bad_files = 'refuse'
+  # How the input is read; none of it changes the batches (a run may resume with other values).
+  data.loader = loader = ml_collections.ConfigDict()
+  loader.num_threads = 4  # Host batches decoded at once (PIL releases the GIL while decoding).
+  loader.prefetch = 4  # Host batches read ahead of the step (bounds the input's host memory).
+  loader.device_prefetch = 2  # Batches on the devices before the step that uses them.
+  loader.num_workers = 0  # > 0: decode in that many worker processes instead of threads.
 
   # The network: its architecture (every field but dropout, init_scale and dtype fixes what trained
   # weights compute; a CD teacher must match those) and how it is trained and computed.

@@ -16,8 +16,11 @@ Data: TFDS 'imagenet_resized/64x64' (Chrabaszcz et al. 2017: the ILSVRC-2012 ima
 64x64, with labels). The reference instead centre-crops and resizes the ILSVRC-2012 originals, and
 orders its labels by WordNet id; this dataset's label order is its own, so released reference
 checkpoints' class indices do not carry over, and FIDs of models trained on it are measured on other
-images than the paper's. ('downsampled_imagenet/64x64' has no labels.) FID as in the paper: against
-the ADM evaluator's reference batch, --config.eval.ref_batch=/path/VIRTUAL_imagenet64_labeled.npz.
+images than the paper's. ('downsampled_imagenet/64x64' has no labels.) For the reference's data,
+resize TFDS imagenet2012 once as the reference does (`python -m cm_jax.datasets.prepare
+--source=imagenet2012 --image_size=64 --resize=adm --data_dir=...`, README "Real datasets") and train
+with --config.data.name=imagenet2012_64_adm --config.data.eval_split=validation. FID as in the paper:
+against the ADM evaluator's reference batch, --config.eval.ref_batch=/path/VIRTUAL_imagenet64_labeled.npz.
 """
 
 from configs import default

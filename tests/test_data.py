@@ -1,21 +1,25 @@
-"""Tests of the embedded digits dataset and the input pipeline (offline, CPU, ~20 s)."""
+"""Tests of the embedded digits dataset and the input pipeline (offline, CPU, ~40 s)."""
 
+import hashlib
+import io
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from unittest import mock
 
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cm_jax import data
-from cm_jax.datasets import sklearn_digits
+from cm_jax.datasets import images, sklearn_digits
 from cm_jax.errors import ConfigError, DatasetNotFoundError
 from configs import default
 
@@ -86,8 +90,10 @@ def test_digits_builder_matches_sklearn(digits_dir):
   expected_images, expected_labels = sklearn_digits.load_scaled_digits()
   assert expected_images.max() == 255 and expected_images.min() == 0
   seen = []
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD  # Random access.
   for split in ('train', 'test'):
-    examples = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    source = builder.as_data_source(split=split)
+    examples = {key: np.stack([example[key] for example in source]) for key in source[0]}
     index = examples['index']
     assert examples['image'].dtype == np.uint8 and examples['image'].shape[1:] == (8, 8, 1)
     np.testing.assert_array_equal(examples['image'], expected_images[index])
@@ -260,16 +266,48 @@ def test_uint8_float_round_trip():
   floats = data.to_float(values)
   assert floats.dtype == np.float32 and floats[0] == -1.0 and floats[-1] == 1.0
   np.testing.assert_array_equal(data.to_uint8(floats), values)
-  np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 0.0, 1.001, 7.0])), [0, 128, 255, 255])
+  np.testing.assert_array_equal(data.to_uint8(np.array([-3.0, 0.0, 1.001, 7.0])), [0, 127, 255, 255])  # Truncated, as the references.
 
 
-def test_center_crop_resize():
-  wide = np.zeros((6, 10, 3), np.uint8)
-  wide[:, 2:8] = 200  # The central 6x6 square.
-  cropped = data._center_crop_resize(tf.constant(wide), 6).numpy()  # pylint: disable=protected-access
-  np.testing.assert_array_equal(cropped, np.full((6, 6, 3), 200, np.uint8))
-  resized = data._center_crop_resize(tf.constant(wide), 3).numpy()  # pylint: disable=protected-access
-  np.testing.assert_array_equal(resized, np.full((3, 3, 3), 200, np.uint8))
+def test_adm_resize_is_the_references_center_crop_arr(monkeypatch):
+  """openai/consistency_models center_crop_arr: box-halve while the short side >= 2 * size, bicubic
+  to a short side of `size` (rounding the long side), then the central square."""
+  calls = []
+  resize = PIL.Image.Image.resize
+
+  def recording_resize(image, size, resample=None, **kwargs):
+    calls.append((image.size, tuple(size), resample))
+    return resize(image, size, resample=resample, **kwargs)
+
+  monkeypatch.setattr(PIL.Image.Image, 'resize', recording_resize)
+  rng = np.random.default_rng(0)
+  wide = PIL.Image.fromarray(rng.integers(0, 256, (401, 603, 3), dtype=np.uint8))
+  out = images.center_crop_arr(wide, 64)
+  # 401 >= 128: halve to 301x200; 200 >= 128: halve to 150x100; 100 < 128: bicubic to 96x64.
+  assert calls == [((603, 401), (301, 200), PIL.Image.BOX), ((301, 200), (150, 100), PIL.Image.BOX),
+                   ((150, 100), (96, 64), PIL.Image.BICUBIC)]
+  assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+  # The central square of the last image: columns 16..80 of 96.
+  last = resize(resize(resize(wide, (301, 200), PIL.Image.BOX), (150, 100), PIL.Image.BOX), (96, 64),
+                PIL.Image.BICUBIC)
+  np.testing.assert_array_equal(out, np.asarray(last)[:, 16:80])
+  calls.clear()
+  # The reference's LSUN export: a single box resize of the short side, then the central crop.
+  box = images.box_crop_arr(wide, 64)
+  assert calls == [((603, 401), (96, 64), PIL.Image.BOX)] and box.shape == (64, 64, 3)
+  calls.clear()
+  square = PIL.Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+  np.testing.assert_array_equal(images.crop_resize(square, 64, 'adm'), np.asarray(square))
+  assert not calls  # Already the right size: untouched.
+
+
+def test_decode_converts_modes_as_a_fixed_channel_decoder_does():
+  grey = np.arange(64, dtype=np.uint8).reshape(8, 8)
+  png = io.BytesIO()
+  PIL.Image.fromarray(grey).save(png, format='PNG')
+  rgb = images.decode(png.getvalue(), 8, 3, 'adm')
+  assert rgb.shape == (8, 8, 3) and all(np.array_equal(rgb[..., c], grey) for c in range(3))
+  np.testing.assert_array_equal(images.decode(png.getvalue(), 8, 1, 'adm')[..., 0], grey)
 
 
 @pytest.mark.parametrize('name, size', [('cifar10', 32), ('lsun/bedroom', 16)])
@@ -302,7 +340,13 @@ _TWO_PROCESS_WORKER = textwrap.dedent("""
       sys.exit('no ConfigError for a batch of 6 on 4 devices')
     except data.ConfigError as e:
       assert 'multiple of 4' in str(e), e
-    batch = data.InputPipeline(config, 64, 0, sharding).get_batch(30)
+    pipeline = data.InputPipeline(config, 64, 0, sharding)
+    batch = pipeline.get_batch(30)
+    prefetched = next(pipeline.batches(30, 40))  # The read-ahead path gives the same rows.
+    for name in batch:
+      assert all(np.array_equal(a.data, b.data) for a, b in
+                 zip(batch[name].addressable_shards, prefetched[name].addressable_shards)), name
+    pipeline.close()
     pieces = {}
     for name, array in batch.items():
       for shard in array.addressable_shards:
@@ -338,3 +382,101 @@ def test_two_processes_build_the_same_global_batch(digits_dir, tmp_path):
   assert all((start >= 32) == bool(i) for i, _, start in starts)  # Each process: its half.
   np.testing.assert_array_equal(got['image'], np.asarray(expected['image']))
   np.testing.assert_array_equal(got['label'], np.asarray(expected['label']))
+
+
+# Streaming: the read-ahead gives exactly the batches of random access, from any step.
+
+
+@pytest.mark.parametrize('loader', [
+    {'num_threads': 1, 'prefetch': 1, 'device_prefetch': 0},
+    {'num_threads': 4, 'prefetch': 8, 'device_prefetch': 2},
+])
+def test_prefetched_batches_are_the_random_access_batches(digits_dir, loader):
+  config = data_config(digits_dir, random_flip=True)
+  config.loader.update(loader)
+  pipeline = data.InputPipeline(config, 64, 5, single_device_sharding())
+  # From a step inside epoch 1 (22.5 steps per epoch), across the next epoch boundary.
+  got = list(pipeline.batches(30, 50))
+  assert len(got) == 20
+  for step, batch in zip(range(30, 50), got):
+    want = pipeline.get_batch(step)
+    np.testing.assert_array_equal(np.asarray(batch['image']), np.asarray(want['image']))
+    np.testing.assert_array_equal(np.asarray(batch['label']), np.asarray(want['label']))
+    assert batch['image'].sharding == want['image'].sharding
+  pipeline.close()
+
+
+@pytest.mark.slow  # Spawning the workers (each imports TF, JAX, TFDS) takes ~15 s on 2 cores.
+def test_worker_processes_give_the_same_batches(digits_dir):
+  config = data_config(digits_dir, random_flip=True)
+  config.loader.num_workers = 2
+  pipeline = data.InputPipeline(config, 32, 1, single_device_sharding())
+  host = pipeline.host_batches(40, 46)
+  for step in range(40, 46):
+    batch = next(host)
+    want = pipeline.local_batch(step)
+    np.testing.assert_array_equal(batch['image'], want['image'])
+    np.testing.assert_array_equal(batch['label'], want['label'])
+  host.close()
+
+
+_KILLED_READER = textwrap.dedent("""
+    import hashlib, sys
+    import jax
+    import numpy as np
+    from cm_jax import data
+    from configs import default
+    data_dir, out = sys.argv[1], sys.argv[2]
+    config = default.get_config().data
+    config.data_dir, config.random_flip = data_dir, True
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+    pipeline = data.InputPipeline(config, 16, 9, sharding)
+    with open(out, 'w') as f:
+      for step, batch in enumerate(pipeline.batches(0, 10_000)):
+        digest = hashlib.sha256(np.asarray(batch['image']).tobytes()
+                                + np.asarray(batch['label']).tobytes()).hexdigest()
+        f.write(f'{step} {digest}\\n')
+        f.flush()
+""")
+
+
+def _digest(batch) -> str:
+  return hashlib.sha256(np.asarray(batch['image']).tobytes()
+                        + np.asarray(batch['label']).tobytes()).hexdigest()
+
+
+def test_a_killed_reader_resumes_mid_epoch_on_the_same_batches(digits_dir, tmp_path):
+  """SIGKILL a process while its workers read ahead, mid-epoch (1438 examples: 89.9 steps of 16);
+  a new reader started at the next step continues with exactly the uninterrupted batches."""
+  out = str(tmp_path / 'digests.txt')
+  env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.Popen([sys.executable, '-c', _KILLED_READER, digits_dir, out], env=env,
+                          cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  deadline = time.time() + 120
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(out) and sum(1 for _ in open(out)) >= 120:  # In the second epoch.
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.01)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL, proc.stdout.read()[-3000:]
+  with open(out) as f:
+    lines = [line.split() for line in f if line.endswith('\n')]
+  killed_after = int(lines[-1][0])
+  assert killed_after % 90 not in (0, 89)  # Mid-epoch.
+  config = data_config(digits_dir, random_flip=True)
+  resumed = data.InputPipeline(config, 16, 9, single_device_sharding())
+  uninterrupted = data.InputPipeline(config, 16, 9, single_device_sharding())
+  stop = killed_after + 1 + 30
+  got = [_digest(b) for b in resumed.batches(killed_after + 1, stop)]
+  want = [_digest(uninterrupted.get_batch(step)) for step in range(killed_after + 1, stop)]
+  assert got == want
+  # And what the killed process read before the kill is what random access gives.
+  for step, digest in lines[-5:]:
+    assert digest == _digest(uninterrupted.get_batch(int(step)))

@@ -13,7 +13,8 @@ import pytest
 
 from cm_jax import data, karras, methods, sampling
 from configs import (cifar10_cd, cifar10_ct, cifar10_edm, cifar10_ict, digits_ict, imagenet64_cd,
-                     imagenet64_ct, imagenet64_edm, imagenet64_ict)
+                     imagenet64_ct, imagenet64_edm, imagenet64_ict, lsun_bedroom256_cd,
+                     lsun_bedroom256_ct, lsun_bedroom256_edm)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -55,7 +56,7 @@ def test_multistep_sampling_clamps_each_output_before_renoising():
 
 @pytest.mark.parametrize('module, clip, ode_clip', [
     (cifar10_cd, True, False), (cifar10_edm, True, False), (imagenet64_edm, True, True),
-    (imagenet64_cd, True, True)])
+    (imagenet64_cd, True, True), (lsun_bedroom256_edm, True, True), (lsun_bedroom256_cd, True, True)])
 def test_sampler_clamps_per_config(module, clip, ode_clip):
   config = module.get_config()
   assert (config.sampling.clip_denoised, config.sampling.ode_clip_denoised) == (clip, ode_clip)
@@ -120,6 +121,8 @@ def test_lpips_pooling_per_reference():
   assert cifar10_ct.get_config().consistency.lpips_pooling == 'max'
   assert imagenet64_cd.get_config().consistency.lpips_pooling == 'avg'  # P: replace_pooling=True.
   assert imagenet64_ct.get_config().consistency.lpips_pooling == 'avg'
+  assert lsun_bedroom256_cd.get_config().consistency.lpips_pooling == 'avg'
+  assert lsun_bedroom256_ct.get_config('cat').consistency.lpips_pooling == 'avg'
 
 
 def test_student_init_per_reference():
@@ -146,6 +149,8 @@ def test_imagenet64_ct_is_the_launch_script_run():
   assert method.initial_weights(Resources()).params == {'w': 1.0} and loaded == [False]
   assert methods.get('ct')(cifar10_ict.get_config(), _ConsistencyStandIn(), (32, 32, 3)
                            ).initial_weights(Resources()) is None  # iCT runs from scratch.
+  lsun = methods.get('ct')(lsun_bedroom256_ct.get_config(), _ConsistencyStandIn(), (256, 256, 3))
+  assert lsun.uses_teacher()  # LSUN CT starts from its EDM teacher too (the launch script).
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ LAYERS = (
                  'evaluation')),
     ('methods', ('methods',)),
     ('experiment', ('experiment', 'trainer', 'inference')),
-    ('evaluators', ('evaluators', 'edit_tasks')),
+    ('evaluators', ('evaluators', 'edit_tasks', 'convert')),
     ('modes', ('modes',)),
 )
 

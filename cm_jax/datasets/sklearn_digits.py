@@ -8,7 +8,8 @@ installed scikit-learn package, so the dataset builds offline on first use and i
   import cm_jax.datasets  # Registers 'sklearn_digits'.
   builder = tfds.builder('sklearn_digits', data_dir=...)
   builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+      file_format='array_record')
 """
 
 from typing import Iterator
@@ -54,8 +55,12 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 class SklearnDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's 8x8 handwritten digits (real data, embedded, no network)."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release: stratified 80/20 train/test split.'}
+  # 1.1.0 is written as ArrayRecord files (random access for the input pipeline); its records are
+  # those of 1.0.0 (TFRecord files), in the same order. A data_dir holding only 1.0.0 gets 1.1.0
+  # built beside it on first use.
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: stratified 80/20 train/test split.',
+                   '1.1.0': 'ArrayRecord files; the same examples in the same order.'}
   # TFDS 4.9.10 resolves `code_path` of a builder that lives in a package through
   # `importlib_resources`, which it only declares for Python < 3.9, so `download_and_prepare`
   # fails with ModuleNotFoundError (tensorflow/datasets#11212). The plain file path is what TFDS

@@ -1,7 +1,14 @@
 """Networks: `get_network(config.model, image_size, num_channels)` builds and checks one.
 
 config.model.name picks the network: 'ncsnpp' (the NCSN++ / DDPM++ family, ncsnpp.py) or 'adm' (the
-ADM U-Net of the ImageNet and LSUN runs, adm.py).
+ADM U-Net of the ImageNet and LSUN runs, adm.py), or one of the two variants of them in NVlabs/edm,
+which `cm_jax.convert` loads EDM's networks into: 'songunet' (NCSN++ / DDPM++ whose class labels enter
+before the noise embedding's MLP, as EDM's SongUNet) and 'dhariwalunet' (ADM as EDM's DhariwalUNet: GroupNorm
+with min(32, C // 4) groups, C // num_head_channels attention heads and no attention layer where that
+is 0; the same as 'adm' where every attended layer has at least num_head_channels channels and 128).
+'edm2' is EDM2's magnitude-preserving U-Net (edm2.py), for NVlabs/edm2 networks (nf, ch_mult,
+num_res_blocks, attn_resolutions, num_head_channels, dropout, num_classes and dtype apply). Without labels
+'songunet' is 'ncsnpp'.
 
 Usage:
   net = get_network(config.model, image_size, num_channels)
@@ -22,9 +29,10 @@ import ml_collections
 from cm_jax.errors import ConfigError, choose
 from cm_jax.networks import adm, layers
 from cm_jax.networks.adm import ADM
+from cm_jax.networks.edm2 import EDM2UNet
 from cm_jax.networks.ncsnpp import NCSNpp
 
-__all__ = ['ADM', 'NCSNpp', 'RUNTIME_FIELDS', 'get_network']
+__all__ = ['ADM', 'EDM2UNet', 'NCSNpp', 'RUNTIME_FIELDS', 'get_network']
 
 # Fields of config.model that change how a network is trained or computed, not what trained weights
 # compute: two runs whose config.model differs only in these hold interchangeable weights.
@@ -131,7 +139,8 @@ def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_ch
   return build(model_config, image_size)
 
 
-def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int) -> NCSNpp:
+def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int,
+            labels_before_mlp: bool = False) -> NCSNpp:
   choices = {}
   for key, allowed in _CHOICES.items():
     value = _get(model_config, key)
@@ -193,6 +202,7 @@ def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int) -> NCSNpp:
       fourier_scale=float(fourier_scale),
       conv_size=conv_size,
       num_classes=num_classes,
+      labels_before_mlp=labels_before_mlp,
       dtype=dtype,
       **flags,
       **choices,
@@ -208,7 +218,7 @@ def _heads_setting(model_config: ml_collections.ConfigDict, key: str) -> int:
   return int(value)
 
 
-def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
+def _adm(model_config: ml_collections.ConfigDict, image_size: int, edm_groups: bool = False) -> ADM:
   nf = _positive_int(model_config, 'nf')
   ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
   attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
@@ -216,13 +226,17 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
   num_classes = _positive_int(model_config, 'num_classes', minimum=0)
   resolutions = _levels(image_size, ch_mult, attn_resolutions)
 
-  # Every GroupNorm has 32 groups (the concatenations on the way up add multiples of the level widths).
-  for width in sorted({nf * m for m in ch_mult}):
-    if width % adm.NUM_GROUPS:
+  # Every GroupNorm has 32 groups (the concatenations on the way up add multiples of the level widths),
+  # or with EDM's rule min(32, C // 4).
+  widths = {nf * m for m in ch_mult}
+  widths |= {a + b for a in widths for b in widths}  # The up path's [h, skip] concatenations.
+  for width in sorted(widths):
+    groups = adm.num_groups(width, edm_groups)
+    if groups < 1 or width % groups:
       raise ConfigError(
-          f'config.model.nf={nf} with ch_mult={ch_mult} gives a layer of {width} channels, which ADM\'s '
-          f'GroupNorm cannot split into {adm.NUM_GROUPS} groups; use nf * ch_mult multiples of '
-          f'{adm.NUM_GROUPS}.')
+          f'config.model.nf={nf} with ch_mult={ch_mult} gives a layer of {width} channels, which the '
+          f'GroupNorm of {model_config.name!r} cannot split into {groups} groups; use nf * ch_mult '
+          f'multiples of {adm.NUM_GROUPS}' + (' (or of 4 below 128 channels).' if edm_groups else '.'))
 
   num_heads = _positive_int(model_config, 'num_heads')
   num_head_channels = _heads_setting(model_config, 'num_head_channels')
@@ -231,7 +245,20 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
   # and in the middle, at the last level's width (num_heads).
   attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
   middle = nf * ch_mult[-1]
-  if num_head_channels > 0:
+  if edm_groups:
+    # EDM's DhariwalUNet: C // num_head_channels heads of C // heads channels, no attention with none.
+    if num_head_channels < 1:
+      raise ConfigError(f'config.model.name={model_config.name!r} sets its heads by '
+                        f'num_head_channels (EDM\'s channels_per_head), got {num_head_channels}.')
+    for width in sorted(attended | {middle}):
+      heads = width // num_head_channels
+      if heads and width % heads:
+        raise ConfigError(
+            f'config.model.num_head_channels={num_head_channels} gives {heads} heads to an attention '
+            f'layer of {width} channels, which they do not divide (EDM\'s DhariwalUNet would fail '
+            'too); use another num_head_channels.')
+    checks = []
+  elif num_head_channels > 0:
     checks = [('num_head_channels', num_head_channels, attended | {middle})]
   else:
     checks = [('num_heads', num_heads, attended | {middle})]
@@ -262,9 +289,39 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int) -> ADM:
       num_head_channels=num_head_channels,
       num_heads_upsample=num_heads_upsample,
       num_classes=num_classes,
+      edm_groups=edm_groups,
       dtype=dtype,
       **flags,
   )
 
 
-_NETWORKS = {'ncsnpp': _ncsnpp, 'adm': _adm}
+def _edm2(model_config: ml_collections.ConfigDict, image_size: int) -> EDM2UNet:
+  nf = _positive_int(model_config, 'nf')
+  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
+  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
+  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
+  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
+  resolutions = _levels(image_size, ch_mult, attn_resolutions)
+  head_channels = _heads_setting(model_config, 'num_head_channels')
+  if head_channels < 1:
+    raise ConfigError("config.model.num_head_channels must be positive for 'edm2' (EDM2's "
+                      f'channels_per_head, 64 in its released networks), got {head_channels}.')
+  # The lowest level always attends (its first decoder block), the others at attn_resolutions.
+  attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
+  for width in sorted(attended | {nf * ch_mult[-1]}):
+    heads = width // head_channels
+    if not heads or width % heads:
+      raise ConfigError(f'config.model.num_head_channels={head_channels} gives {heads} heads to an '
+                        f'attention layer of {width} channels; use a divisor of {width}.')
+  return EDM2UNet(nf=nf, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                  attn_resolutions=attn_resolutions, num_head_channels=head_channels,
+                  dropout=_dropout(model_config), num_classes=num_classes, dtype=_dtype(model_config))
+
+
+_NETWORKS = {
+    'ncsnpp': _ncsnpp,
+    'adm': _adm,
+    'songunet': lambda model_config, image_size: _ncsnpp(model_config, image_size, True),
+    'dhariwalunet': lambda model_config, image_size: _adm(model_config, image_size, True),
+    'edm2': _edm2,
+}

@@ -98,10 +98,15 @@ def _dense(x: jax.Array, features: int, name: str, dtype: Dtype, zero_init: bool
       dtype=dtype, param_dtype=jnp.float32, name=name)(x)
 
 
-def _group_norm(x: jax.Array, name: str) -> jax.Array:
+def num_groups(channels: int, edm_groups: bool = False) -> int:
+  """GroupNorm groups: guided-diffusion's 32, or EDM's min(32, C // 4) (the same from 128 channels)."""
+  return min(NUM_GROUPS, channels // 4) if edm_groups else NUM_GROUPS
+
+
+def _group_norm(x: jax.Array, name: str, edm_groups: bool = False) -> jax.Array:
   # The reference's GroupNorm32 normalises in float32 and casts back to the input's dtype.
-  y = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=_GROUP_NORM_EPSILON, dtype=jnp.float32,
-                   param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
+  y = nn.GroupNorm(num_groups=num_groups(x.shape[-1], edm_groups), epsilon=_GROUP_NORM_EPSILON,
+                   dtype=jnp.float32, param_dtype=jnp.float32, name=name)(x.astype(jnp.float32))
   return y.astype(x.dtype)
 
 
@@ -124,11 +129,12 @@ class ResBlock(nn.Module):
   adaptive_double_norm: bool = False  # Needs use_scale_shift_norm.
   up: bool = False
   down: bool = False
+  edm_groups: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
-    h = nn.silu(_group_norm(x, 'in_norm'))
+    h = nn.silu(_group_norm(x, 'in_norm', self.edm_groups))
     # Resampling sits between the first norm and conv, for the skip path too.
     if self.up:
       h, x = _upsample_nearest(h), _upsample_nearest(x)
@@ -143,13 +149,13 @@ class ResBlock(nn.Module):
       # sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1): GN(h) * pnorm(scale) +
       # pnorm(shift), each pixel-normalised over its channels (in float32, as the embedding).
       scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
-      h = (_group_norm(h, 'out_norm') * layers.pixel_norm(scale).astype(h.dtype)
+      h = (_group_norm(h, 'out_norm', self.edm_groups) * layers.pixel_norm(scale).astype(h.dtype)
            + layers.pixel_norm(shift).astype(h.dtype))
     elif self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = _group_norm(h, 'out_norm') * (1 + scale) + shift
+      h = _group_norm(h, 'out_norm', self.edm_groups) * (1 + scale) + shift
     else:
-      h = _group_norm(h + emb_out, 'out_norm')
+      h = _group_norm(h + emb_out, 'out_norm', self.edm_groups)
     h = nn.silu(h)
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = _conv(h, self.out_ch, 'out_conv', self.dtype, zero_init=True)
@@ -167,6 +173,7 @@ class AttentionBlock(nn.Module):
   # QKVAttention, and the flash-attention layout of openai/consistency_models). False: split into heads
   # first, each [q | k | v] (guided-diffusion's QKVAttentionLegacy, its default).
   use_new_attention_order: bool = False
+  edm_groups: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -174,7 +181,7 @@ class AttentionBlock(nn.Module):
     b, height, width, channels = x.shape
     heads = self.num_heads
     head_ch = channels // heads
-    qkv = _dense(_group_norm(x, 'norm'), 3 * channels, 'qkv', self.dtype)
+    qkv = _dense(_group_norm(x, 'norm', self.edm_groups), 3 * channels, 'qkv', self.dtype)
     qkv = qkv.reshape(b, height * width, 3 * channels)
     if self.use_new_attention_order:
       q, k, v = (t.reshape(b, -1, heads, head_ch) for t in jnp.split(qkv, 3, axis=-1))
@@ -204,6 +211,9 @@ class ADM(nn.Module):
   use_new_attention_order: bool = False
   num_classes: int = 0
   adaptive_double_norm: bool = False  # sCM's, in place of the (1 + scale), shift of scale-shift norm.
+  # EDM's DhariwalUNet: GroupNorm groups min(32, C // 4) (the same as 32 from 128 channels up), and
+  # C // num_head_channels heads, none (no attention layer) where that is 0.
+  edm_groups: bool = False
   dtype: Dtype = jnp.float32  # Compute dtype; parameters are always float32.
 
   def _heads(self, channels: int, upsampling: bool) -> int:
@@ -242,12 +252,13 @@ class ADM(nn.Module):
 
     def res_block(name, out_ch, up=False, down=False):
       return ResBlock(out_ch=out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      adaptive_double_norm=self.adaptive_double_norm, up=up, down=down, dtype=dtype,
-                      name=name)
+                      adaptive_double_norm=self.adaptive_double_norm, up=up, down=down,
+                      edm_groups=self.edm_groups, dtype=dtype, name=name)
 
     def attention(name, channels, upsampling=False):
       return AttentionBlock(num_heads=self._heads(channels, upsampling),
-                            use_new_attention_order=self.use_new_attention_order, dtype=dtype, name=name)
+                            use_new_attention_order=self.use_new_attention_order,
+                            edm_groups=self.edm_groups, dtype=dtype, name=name)
 
     # ---- Downsampling path; `hs` keeps every block's output for the skip connections.
     h = _conv(x.astype(dtype), self.nf * self.ch_mult[0], 'in_conv', dtype)
@@ -256,7 +267,7 @@ class ADM(nn.Module):
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
         h = res_block(f'enc_{k}_res', self.nf * mult)(h, emb, train)
-        if h.shape[1] in self.attn_resolutions:
+        if h.shape[1] in self.attn_resolutions and self._heads(h.shape[-1], False):
           h = attention(f'enc_{k}_attn', h.shape[-1])(h)
         hs.append(h)
         k += 1
@@ -270,7 +281,8 @@ class ADM(nn.Module):
 
     # ---- Middle.
     h = res_block('mid_res_0', h.shape[-1])(h, emb, train)
-    h = attention('mid_attn', h.shape[-1])(h)
+    if self._heads(h.shape[-1], False):
+      h = attention('mid_attn', h.shape[-1])(h)
     h = res_block('mid_res_1', h.shape[-1])(h, emb, train)
 
     # ---- Upsampling path.
@@ -279,7 +291,7 @@ class ADM(nn.Module):
       for i in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(f'dec_{k}_res', self.nf * self.ch_mult[level])(h, emb, train)
-        if h.shape[1] in self.attn_resolutions:
+        if h.shape[1] in self.attn_resolutions and self._heads(h.shape[-1], True):
           h = attention(f'dec_{k}_attn', h.shape[-1], upsampling=True)(h)
         if level and i == self.num_res_blocks:
           if self.resblock_updown:
@@ -290,5 +302,5 @@ class ADM(nn.Module):
     assert not hs
 
     # ---- Output head, in float32 as in the reference's fp16 mode.
-    h = nn.silu(_group_norm(h.astype(jnp.float32), 'out_norm'))
+    h = nn.silu(_group_norm(h.astype(jnp.float32), 'out_norm', self.edm_groups))
     return _conv(h, x.shape[-1], 'out_conv', jnp.float32, zero_init=True)

@@ -42,6 +42,9 @@ class NCSNpp(nn.Module):
   num_classes: int = 0
   # sCM's adaptive double normalisation of the noise embedding in every residual block.
   adaptive_double_norm: bool = False
+  # False: the class embedding is added after the noise embedding's MLP (as ADM). True: before it, to
+  # the Fourier/sinusoidal features (EDM's SongUNet, whose label map is folded into the table).
+  labels_before_mlp: bool = False
   dtype: Dtype = jnp.float32  # Compute dtype; parameters are always float32.
 
   @nn.compact
@@ -71,13 +74,15 @@ class NCSNpp(nn.Module):
       temb = layers.sinusoidal_embedding(noise_cond, nf)
     else:
       raise ValueError(f'Unknown embedding_type {self.embedding_type!r}.')
+    if self.num_classes > 0 and labels is None:
+      raise ValueError(f'The network is class-conditional (num_classes={self.num_classes}); pass labels.')
+    if self.num_classes > 0 and self.labels_before_mlp:
+      temb += nn.Embed(self.num_classes, temb.shape[-1], param_dtype=jnp.float32)(labels)
     dense = functools.partial(
         nn.Dense, nf * 4, kernel_init=layers.default_init(), dtype=dtype, param_dtype=jnp.float32)
     temb = dense()(temb)
     temb = dense()(act(temb))
-    if self.num_classes > 0:
-      if labels is None:
-        raise ValueError(f'The network is class-conditional (num_classes={self.num_classes}); pass labels.')
+    if self.num_classes > 0 and not self.labels_before_mlp:
       # Class conditioning as in ADM: a learned embedding added to the noise embedding.
       temb += nn.Embed(self.num_classes, nf * 4, dtype=dtype, param_dtype=jnp.float32)(labels)
 
