@@ -306,6 +306,9 @@ def _edm2(model_config: ml_collections.ConfigDict, image_size: int) -> EDM2UNet:
   if head_channels < 1:
     raise ConfigError("config.model.num_head_channels must be positive for 'edm2' (EDM2's "
                       f'channels_per_head, 64 in its released networks), got {head_channels}.')
+  if _adaptive_double_norm(model_config):
+    raise ConfigError("config.model.adaptive_double_norm=True is an option of 'ncsnpp' and 'adm'; "
+                      "'edm2' has magnitude-preserving modulation of its own: set it to False.")
   # The lowest level always attends (its first decoder block), the others at attn_resolutions.
   attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
   for width in sorted(attended | {nf * ch_mult[-1]}):
