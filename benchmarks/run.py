@@ -3,10 +3,11 @@ r"""One benchmark harness: step throughput, sampling speed-up, compile time, mem
   python -m benchmarks.run --config=configs/cifar10_cd.py --batch=8
   python -m benchmarks.run --config=configs/digits_cd.py --all_methods
   python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=512 --profile_dir=/tmp/profile
+  python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=8 --methods=edm,cd,ct,sct,scd
 
 For a config and a global batch it measures, after warm-up: the training step of each method asked
-for (the config's own by default; `--methods=edm,cd,ct,ict,ect` or `--all_methods` for variants of the
-same network and data shape), the 1-step and 2-step consistency samplers and the EDM teacher's Heun
+for (the config's own by default; `--methods=edm,cd,ct,ict,ect,sct,scd` or `--all_methods` for
+variants of the same network and data shape), the 1-step and 2-step consistency samplers and the EDM teacher's Heun
 sampler (35 NFE) on the same network; the one-step speed-up over the teacher at equal batch; the
 compile time of each; XLA's memory analysis, the device's peak memory where the backend reports it and
 the host's peak RSS; model FLOPs from XLA's cost analysis and, on GPU/TPU, the fraction of peak FLOP/s.
@@ -38,7 +39,7 @@ from cm_jax import experiment, files, karras, methods, sharding, trainer
 from configs import cifar10_ct, cifar10_ict, default
 
 SCHEMA_VERSION = 1
-METHOD_LABELS = ('edm', 'cd', 'ct', 'ict', 'ect')
+METHOD_LABELS = ('edm', 'cd', 'ct', 'ict', 'ect', 'sct', 'scd')
 SAMPLERS = ('onestep', 'twostep', 'teacher_heun')
 # A sampler call expected to take longer than this is timed once, without warm-up (see bench_sampling).
 LONG_CALL_S = 30.0
@@ -79,7 +80,7 @@ def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
 # Method variants of one config: same network and data shape, another objective.
 # --------------------------------------------------------------------------------------------------
 def method_label(config: ml_collections.ConfigDict) -> str:
-  """'edm', 'cd', 'ct', 'ict' (a ct run with the iCT curriculum) or 'ect'."""
+  """'edm', 'cd', 'ct', 'ict' (a ct run with the iCT curriculum), 'ect', 'sct' or 'scd'."""
   if config.method == 'ct' and config.consistency.scale_schedule == 'ict':
     return 'ict'
   return config.method
@@ -88,11 +89,13 @@ def method_label(config: ml_collections.ConfigDict) -> str:
 def method_config(config: ml_collections.ConfigDict, label: str) -> ml_collections.ConfigDict:
   """`config` with its method swapped for `label`; the config itself when it already is that method.
 
-  Only `method`, `consistency`, `ect` and the teacher's bookkeeping change. CD uses the paper's
-  CIFAR-10 settings (N = 18, Heun teacher step, mu = 0), CT those of configs/cifar10_ct.py, iCT those
-  of configs/cifar10_ict.py, ECT ECT's CIFAR-10 run (configs/default.py `ect`); CD and CT keep the
-  config's distance when it has one (else L2), iCT uses its pseudo-Huber. The cost of a step does not
-  depend on the values of N, mu or ECT's stage.
+  Only `method`, `consistency`, `ect`, `scm` and the teacher's bookkeeping change. CD uses the
+  paper's CIFAR-10 settings (N = 18, Heun teacher step, mu = 0), CT those of configs/cifar10_ct.py,
+  iCT those of configs/cifar10_ict.py, ECT ECT's CIFAR-10 run (configs/default.py `ect`); CD and CT
+  keep the config's distance when it has one (else L2), iCT uses its pseudo-Huber. sCT and sCD use
+  configs/default.py's `scm` section (every stabiliser on, the adaptive weighting included) on the
+  config's network as it is. The cost of a step does not depend on the values of N, mu or ECT's
+  stage.
   """
   if label not in METHOD_LABELS:
     raise ValueError(f'Unknown method {label!r}: use one of {", ".join(METHOD_LABELS)}.')
@@ -119,6 +122,11 @@ def method_config(config: ml_collections.ConfigDict, label: str) -> ml_collectio
   elif label == 'ct':
     variant.method = 'ct'
     variant.consistency = cifar10_ct.get_config(distance).consistency
+  elif label in ('sct', 'scd'):
+    variant.method = label
+    variant.scm = default.get_config().scm
+    if label == 'scd' and not variant.teacher.config and not variant.teacher.workdir:
+      variant.teacher.config = '(benchmark: random teacher)'  # Never loaded: weights are random.
   else:
     variant.method = 'ct'
     variant.consistency = default.get_config().consistency
@@ -513,11 +521,12 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, methods_to_tim
                                      if result['flops_per_step'] and forward else None)
     train_results[label] = result
   if 'edm' in train_results:
-    # Each step's cost in EDM steps on the same network and batch (wall and CPU medians).
-    edm = train_results['edm']['step']
+    # Each step's cost in EDM steps on the same network and batch (sCM's should be ~4/3: the JVP's
+    # tangent adds about one forward to EDM's forward + backward).
+    edm = train_results['edm']
     for result in train_results.values():
-      result['step_over_edm'] = result['step']['median_s'] / edm['median_s']
-      result['step_cpu_over_edm'] = result['step']['cpu_median_s'] / edm['cpu_median_s']
+      result['step_over_edm'] = result['step']['median_s'] / edm['step']['median_s']
+      result['step_cpu_over_edm'] = result['step']['cpu_median_s'] / edm['step']['cpu_median_s']
 
   sampling_results, speedup = {}, {}
   if sampling:
@@ -588,8 +597,8 @@ def markdown_report(result: dict) -> str:
     total = (r['memory'] or {}).get('total_bytes')
     lines.append(
         f'| {label} | {r["distance"] or "-"} | {r["compile_s"]:.1f} | {r["step"]["median_s"]:.3g} '
-        f'| {r["step"]["cpu_median_s"]:.3g} | {r["images_per_s"]:.3g} '
-        f'| {_num(r["flops_per_image"], ".3g", 1e-9)} | {_num(r["forward_equivalents"], ".1f")} '
+        f'| {r["step"]["cpu_median_s"]:.3g} | {r["images_per_s"]:.3g} | {_num(r["flops_per_image"], ".3g", 1e-9)} '
+        f'| {_num(r["forward_equivalents"], ".1f")} '
         f'| {_num(r["achieved_flops_per_s"], ".3g", 1e-9)} | {_num(r["mfu"], ".1%")} '
         f'| {_num(total, ".2f", gib)} | {_num(r.get("step_over_edm"), ".2f")} '
         f'({_num(r.get("step_cpu_over_edm"), ".2f")}) |')
@@ -673,9 +682,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file (path.py or path.py:variant).',
                                   lock_config=False)
   flags.DEFINE_integer('batch', 0, 'Global batch (split over all devices); 0: the config\'s.')
-  flags.DEFINE_string('methods', '', 'Training steps to time, e.g. edm,cd,ct,ict,ect; default: the '
-                      'config\'s method.')
-  flags.DEFINE_bool('all_methods', False, 'Time edm, cd, ct, ict and ect on the config\'s network.')
+  flags.DEFINE_string('methods', '', 'Training steps to time, e.g. edm,cd,ct,ict,ect,sct,scd; '
+                      'default: the config\'s method.')
+  flags.DEFINE_bool('all_methods', False, 'Time edm, cd, ct, ict, ect, sct and scd on the '
+                    'config\'s network.')
   flags.DEFINE_integer('warmup', 1, 'Untimed calls of each step and sampler before timing.')
   flags.DEFINE_integer('steps', None, 'Timed training steps (default 3 on CPU, 10 elsewhere).')
   flags.DEFINE_integer('sample_runs', None, 'Timed calls of each consistency sampler (default 3 on '

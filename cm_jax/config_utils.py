@@ -12,8 +12,8 @@ import re
 
 import ml_collections
 
-from cm_jax import files
-from cm_jax.errors import ConfigError, WorkdirError
+from cm_jax import files, trigflow
+from cm_jax.errors import ConfigError, WorkdirError, choose
 
 # Fields that moved to another block: their old dotted name -> the new one. Saved configs of older
 # runs are read with them moved (`migrate`), and an override of an old name says where it went.
@@ -112,6 +112,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'noise.{name}={n[name]} must be a positive number.')
   if not math.isfinite(n.noise_cond_scale):
     raise ConfigError(f'noise.noise_cond_scale={n.noise_cond_scale} must be a finite number.')
+  choose(dict.fromkeys(trigflow.TIME_CONDITIONINGS), n.get('time_conditioning', 'log_sigma'),
+         'noise.time_conditioning')
   if config.data.image_size < 1 or config.data.num_channels not in (1, 3):
     raise ConfigError(f'data.image_size={config.data.image_size} and data.num_channels='
                       f'{config.data.num_channels}: need a positive size and 1 or 3 channels.')

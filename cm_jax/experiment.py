@@ -32,6 +32,23 @@ class TrainState:
             'extra': self.extra}
 
 
+def trainable(method: methods.Method, params, extra: dict):
+  """What the optimizer updates: the params, with the extra entries the method trains beside them
+  (Method.trained_extra). Without such entries it is the params themselves, so the optimizer state of
+  every other method keeps the layout its checkpoints have."""
+  names = method.trained_extra()
+  if not names:
+    return params
+  return {'params': params, 'extra': {name: extra[name] for name in names}}
+
+
+def untrainable(method: methods.Method, trained, extra: dict) -> tuple[Any, dict]:
+  """(params, extra) from `trainable`'s tree, the untrained extra entries taken from `extra`."""
+  if not method.trained_extra():
+    return trained, extra
+  return trained['params'], {**extra, **trained['extra']}
+
+
 _DECAYS = ('constant', 'cosine')
 _OPTIMIZERS = {'adam': optax.adam, 'radam': optax.radam}
 
@@ -93,8 +110,9 @@ class Experiment:
     def init(rng):
       p = self.model.init(rng, self.image_shape) if params is None else params
       e = p if ema is None else ema
-      return TrainState(params=p, opt_state=self.tx.init(p), ema_params=tuple(e for _ in decays),
-                        extra=self.method.init_extra(p))
+      extra = self.method.init_extra(p)
+      return TrainState(params=p, opt_state=self.tx.init(trainable(self.method, p, extra)),
+                        ema_params=tuple(e for _ in decays), extra=extra)
     return init
 
   def load_frozen(self, names: Callable[[str], bool] = lambda name: True) -> dict:

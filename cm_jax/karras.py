@@ -67,10 +67,14 @@ def consistency_scalings(sigma: jax.Array, sigma_data: float, sigma_min: float):
 
 
 def precondition(network_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array,
-                 sigma: jax.Array, scalings, noise_cond_scale: float) -> jax.Array:
-  """c_skip x + c_out F(c_in x, c_noise) for per-example sigma [B]."""
+                 sigma: jax.Array, scalings, noise_cond_scale: float,
+                 c_noise: jax.Array | None = None) -> jax.Array:
+  """c_skip x + c_out F(c_in x, c_noise) for per-example sigma [B]; c_noise defaults to EDM's
+  `noise_conditioning(sigma, noise_cond_scale)`."""
   c_skip, c_out, c_in = scalings
-  net_out = network_fn(bcast(c_in, x) * x, noise_conditioning(sigma, noise_cond_scale))
+  if c_noise is None:
+    c_noise = noise_conditioning(sigma, noise_cond_scale)
+  net_out = network_fn(bcast(c_in, x) * x, c_noise)
   return bcast(c_skip, x) * x + bcast(c_out, x) * net_out.astype(x.dtype)
 
 

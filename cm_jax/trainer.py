@@ -18,7 +18,7 @@ from clu import metric_writers, periodic_actions
 
 from cm_jax import checkpointing, data, sharding
 from cm_jax.errors import NonFiniteLossError
-from cm_jax.experiment import Experiment, TrainState
+from cm_jax.experiment import Experiment, TrainState, trainable, untrainable
 
 # A periodic hook: fn(state, step, report), e.g. sample grids every training.sample_every steps; it
 # may time its work with `report.timed(name)` (clu's ReportProgress), so the log shows where time goes.
@@ -35,14 +35,19 @@ def make_train_step(exp: Experiment, frozen_shardings):
 
   def train_step(state: TrainState, frozen, batch, step):
     rng = jax.random.fold_in(base_key, step)
-    loss_fn = lambda p: method.loss(p, state.extra, frozen, batch, rng, step)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # The params, and any extra pytrees the method trains with them (Method.trained_extra).
+    trained = trainable(method, state.params, state.extra)
+
+    def loss_fn(trained):
+      params, extra = untrainable(method, trained, state.extra)
+      return method.loss(params, extra, frozen, batch, rng, step)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    params, extra = untrainable(method, optax.apply_updates(trained, updates), state.extra)
     ema_params = tuple(
         jax.tree.map(lambda e, p, d=d: d * e + (1.0 - d) * p, ema, params)
         for d, ema in zip(decays, state.ema_params))
-    extra, extra_aux = method.update_extra(state.extra, params, step)
+    extra, extra_aux = method.update_extra(extra, params, step)
     new_state = TrainState(params, opt_state, ema_params, extra)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -11,8 +11,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Which objective trains the network: 'edm' (diffusion teacher), 'cd' (consistency distillation),
-  # 'ct' (consistency training; the iCT improvements are switches under `consistency`) or 'ect'
-  # (easy consistency tuning from an EDM run's weights; its settings under `ect`).
+  # 'ct' (consistency training; the iCT improvements are switches under `consistency`), 'ect'
+  # (easy consistency tuning from an EDM run's weights; its settings under `ect`), or the
+  # continuous-time 'scd' / 'sct' (sCM, Lu & Song 2024; switches under `scm`).
   config.method = 'edm'
   config.seed = 0
   # Resuming a workdir whose saved config differs (beyond step counts, logging and sampling) is
@@ -79,6 +80,11 @@ def get_config() -> ml_collections.ConfigDict:
   # QKV layout of the attention projection: True splits [q | k | v] before heads (consistency_models'
   # flash-attention layout); False splits heads first (guided-diffusion's legacy order).
   model.use_new_attention_order = False
+  # sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1): the noise embedding enters every
+  # residual block as GroupNorm(h) * pnorm(scale) + pnorm(shift), pnorm the pixel norm over channels.
+  # NCSN++: replaces the added bias (its projection then has 2x the channels); ADM: replaces
+  # use_scale_shift_norm's (1 + scale), shift. Off leaves every network as it was.
+  model.adaptive_double_norm = False
   model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
   model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
 
@@ -92,6 +98,9 @@ def get_config() -> ml_collections.ConfigDict:
   # The network is conditioned on c_noise = noise_cond_scale * ln(sigma) / 4. EDM uses 1; the
   # consistency-model reference code uses 1000 (with the Fourier scale chosen to match).
   noise.noise_cond_scale = 1.0
+  # What c_noise is a function of: 'log_sigma' (EDM, ln(sigma) / 4) or 'trigflow' (TrigFlow's
+  # t = arctan(sigma / sigma_data), sCM Sec. 4.1), times noise_cond_scale either way.
+  noise.time_conditioning = 'log_sigma'
 
   # EDM teacher training (EDM paper): ln(sigma) ~ N(p_mean, p_std^2).
   config.edm = edm = ml_collections.ConfigDict()
@@ -133,6 +142,34 @@ def get_config() -> ml_collections.ConfigDict:
   ect.huber_c = 0.0
   # 'inverse_gap' 1/(t - r) (CIFAR-10 code) | 'edm' (t^2 + sd^2)/(t sd)^2 (ImageNet-64 code).
   ect.weighting = 'inverse_gap'
+
+  # Continuous-time consistency models, sCT and sCD (Lu & Song 2024, arXiv 2410.11081; cm_jax/trigflow.py).
+  # Each stabiliser is a switch here; noise.time_conditioning = 'trigflow', model.embedding_type =
+  # 'positional' and model.adaptive_double_norm are the network changes the paper makes.
+  config.scm = scm = ml_collections.ConfigDict()
+  scm.p_mean = -1.0  # tan(t) = e^tau / sigma_data, tau ~ N(p_mean, p_std^2) (CIFAR-10: -1.0, 1.4).
+  scm.p_std = 1.4
+  scm.tangent_warmup_steps = 10_000  # H: r = min(1, step / H) on g's second term; 0 turns it off.
+  # Tangent normalisation g / (||g|| + c): 'rms' (||g|| as an RMS over the example, NVlabs/FastGen's
+  # default), 'l2' (the plain norm, the paper's text), 'clip' (clip(g, -1, 1)) or 'none'.
+  scm.tangent_norm = 'rms'
+  scm.tangent_norm_const = 0.1  # c
+  # The adaptive weighting w_phi(t) (Sec. 4.2, App. D): a linear layer on Fourier features of
+  # ln(sigma) / 4, trained with the network (its params are trained state beside the params).
+  scm.adaptive_weight = True
+  scm.adaptive_weight_features = 128
+  # An extra 1 / (sigma_data tan t) on the loss, as NVlabs/FastGen; the paper's eq. 8 has the prior
+  # weighting only inside g (as its cos(t)).
+  scm.prior_weighting = False
+  # The JVP's compute dtype: '' as model.dtype (one fused pass with the forward), or 'float32' (a
+  # separate float32 pass while the model computes in bfloat16, as FastGen's precision_amp_jvp).
+  scm.jvp_dtype = ''
+  # TrigFlow times of multistep sampling after t_max = arctan(sigma_max / sigma_data) (the paper's
+  # 2-step: t = 1.1). sampling.sigmas, when given, replaces (t_max,) + these.
+  scm.multistep_times = (1.1,)
+  # sCD with classifier-free guidance of a class-conditional teacher (1: none). Needs a teacher with
+  # an unconditional mode, which cm_jax's EDM runs do not train yet.
+  scm.guidance_scale = 1.0
 
   # The EDM teacher run: the one a CD run distils, or the one whose weights a CT run (when set; CT
   # runs from scratch otherwise) or an ECT run starts from.

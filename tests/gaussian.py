@@ -26,3 +26,39 @@ def ode_solution(x, sigma_from, sigma_to, mu: float, s0: float):
 def consistency_function(mu: float, s0: float, sigma_min: float):
   """f(x, sigma) = the ODE solution at sigma_min (the CM paper's boundary is eps, not 0)."""
   return lambda x, sigma: ode_solution(x, sigma, jnp.full_like(sigma, sigma_min), mu, s0)
+
+
+# TrigFlow (sCM): x_t = cos(t) x0 + sin(t) z, z ~ N(0, sd^2), so x_t ~ N(cos(t) mu, v_t) with
+# v_t = cos^2(t) s0^2 + sin^2(t) sd^2, and the PF-ODE keeps u = (x_t - cos(t) mu) / sqrt(v_t) constant.
+def _trig_var(t, s0, sd):
+  return jnp.cos(t) ** 2 * s0 ** 2 + jnp.sin(t) ** 2 * sd ** 2
+
+
+def trigflow_velocity(mu, s0, sd: float):
+  """The exact F(x_t / sd, t) = (dx_t/dt) / sd of the PF-ODE (mu and s0 may be traced params)."""
+  def velocity(x, t):
+    c, s = _b(jnp.cos(t), x), _b(jnp.sin(t), x)
+    var = _b(_trig_var(t, s0, sd), x)
+    return (-s * mu + (x - c * mu) * s * c * (sd ** 2 - s0 ** 2) / var) / sd
+  return velocity
+
+
+def trigflow_consistency_velocity(mu, s0, sd: float):
+  """The F of the exact consistency function in sCM's form f = cos(t) x - sin(t) sd F (eq. 5):
+  (cos(t) x - f(x, t)) / (sd sin t), written without the cancellation at small t."""
+  def velocity(x, t):
+    c, s = _b(jnp.cos(t), x), _b(jnp.sin(t), x)
+    std = _b(jnp.sqrt(_trig_var(t, s0, sd)), x)
+    u = (x - c * mu) / std
+    return (-s * mu + u * s * (c ** 2 * sd ** 2 - s0 ** 2 * (1 + c ** 2)) / (c * std + s0)) / sd
+  return velocity
+
+
+def trigflow_consistency(mu, s0, sd: float):
+  """The exact f(x_t, t): the PF-ODE's end point at t = 0, mu + s0 u."""
+  return lambda x, t: mu + s0 * (x - _b(jnp.cos(t), x) * mu) / _b(jnp.sqrt(_trig_var(t, s0, sd)), x)
+
+
+def trigflow_posterior_mean(mu, s0, sd: float):
+  """E[x0 | x_t] (x_t and x0 jointly Gaussian)."""
+  return lambda x, t: mu + _b(jnp.cos(t) * s0 ** 2 / _trig_var(t, s0, sd), x) * (x - _b(jnp.cos(t), x) * mu)

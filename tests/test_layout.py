@@ -12,7 +12,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = (
     ('base', ('errors', 'files')),
-    ('maths', ('karras', 'consistency', 'sampling', 'editing', 'models', 'networks')),
+    ('maths', ('karras', 'trigflow', 'consistency', 'sampling', 'editing', 'models', 'networks')),
     ('runtime', ('config_utils', 'sharding', 'checkpointing', 'data', 'datasets', 'outputs', 'teacher',
                  'evaluation', 'rundir')),
     ('methods', ('methods',)),

@@ -6,7 +6,8 @@ generic step and loop (cm_jax.trainer) know only this interface:
   check_config(config)         refuse settings the method cannot use, before anything is built
   frozen_inputs(resources)     the step's read-only pytrees (a teacher, LPIPS weights), as loaders
   initial_weights(resources)   where the online params and EMA copies start (None: random init)
-  init_extra / update_extra    trained pytrees beside params, optimizer state and EMA (a target net)
+  init_extra / update_extra    pytrees beside params, optimizer state and EMA (a target net)
+  trained_extra()              which of those the optimizer trains with the params (sCM's w_phi)
   loss(...)                    the objective, a pure function of pytrees, a batch, a key and the step
   samplers()                   the samplers the method offers, by name
 
@@ -98,6 +99,12 @@ class Method:
   def init_extra(self, params) -> dict:
     del params
     return {}
+
+  def trained_extra(self) -> tuple[str, ...]:
+    """Names of `init_extra` entries that are trained with the params: the loss is differentiated
+    in them too and the optimizer updates them (e.g. sCM's adaptive weighting network). They are not
+    averaged into the EMA copies, which are the network's alone."""
+    return ()
 
   def loss(self, params, extra: dict, frozen: dict, batch: dict, rng: jax.Array, step: jax.Array
            ) -> tuple[jax.Array, dict]:

@@ -109,6 +109,14 @@ def _flags(model_config: ml_collections.ConfigDict, keys: Sequence[str]) -> dict
   return flags
 
 
+def _adaptive_double_norm(model_config: ml_collections.ConfigDict) -> bool:
+  # Added with sCM: model configs written before it (e.g. by hand) mean the networks as they were.
+  value = model_config.get('adaptive_double_norm', False)
+  if not isinstance(value, bool):
+    raise ConfigError(f'config.model.adaptive_double_norm must be True or False, got {value!r}.')
+  return value
+
+
 def get_network(model_config: ml_collections.ConfigDict, image_size: int, num_channels: int) -> nn.Module:
   """Builds the network that `model_config.name` names, after checking the config against the data.
 
@@ -181,6 +189,7 @@ def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int,
         f'got {fir_kernel!r}.') from None
   dtype = _dtype(model_config)
   flags = _flags(model_config, ('resamp_with_conv', 'fir', 'skip_rescale'))
+  flags['adaptive_double_norm'] = _adaptive_double_norm(model_config)
 
   return NCSNpp(
       nf=nf,
@@ -266,6 +275,10 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int, edm_groups: b
   dropout = _dropout(model_config)
   dtype = _dtype(model_config)
   flags = _flags(model_config, ('use_scale_shift_norm', 'resblock_updown', 'use_new_attention_order'))
+  flags['adaptive_double_norm'] = _adaptive_double_norm(model_config)
+  if flags['adaptive_double_norm'] and not flags['use_scale_shift_norm']:
+    raise ConfigError('config.model.adaptive_double_norm=True normalises the scale and shift of ADM\'s '
+                      'scale-shift norm: set config.model.use_scale_shift_norm=True as well.')
   return ADM(
       nf=nf,
       ch_mult=ch_mult,
@@ -293,6 +306,9 @@ def _edm2(model_config: ml_collections.ConfigDict, image_size: int) -> EDM2UNet:
   if head_channels < 1:
     raise ConfigError("config.model.num_head_channels must be positive for 'edm2' (EDM2's "
                       f'channels_per_head, 64 in its released networks), got {head_channels}.')
+  if _adaptive_double_norm(model_config):
+    raise ConfigError("config.model.adaptive_double_norm=True is an option of 'ncsnpp' and 'adm'; "
+                      "'edm2' has magnitude-preserving modulation of its own: set it to False.")
   # The lowest level always attends (its first decoder block), the others at attn_resolutions.
   attended = {nf * m for m, res in zip(ch_mult, resolutions) if res in attn_resolutions}
   for width in sorted(attended | {nf * ch_mult[-1]}):

@@ -39,6 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cm_jax.networks import layers
+
 Dtype = Any
 
 # guided-diffusion's `normalization`: GroupNorm with 32 groups and PyTorch's epsilon.
@@ -124,6 +126,7 @@ class ResBlock(nn.Module):
   out_ch: int
   dropout: float = 0.0
   use_scale_shift_norm: bool = True
+  adaptive_double_norm: bool = False  # Needs use_scale_shift_norm.
   up: bool = False
   down: bool = False
   edm_groups: bool = False
@@ -142,7 +145,13 @@ class ResBlock(nn.Module):
     emb_features = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
     emb_out = _dense(nn.silu(emb), emb_features, 'emb_proj', jnp.float32)
     emb_out = emb_out.astype(h.dtype)[:, None, None, :]
-    if self.use_scale_shift_norm:
+    if self.use_scale_shift_norm and self.adaptive_double_norm:
+      # sCM's adaptive double normalisation (Lu & Song 2024, Sec. 4.1): GN(h) * pnorm(scale) +
+      # pnorm(shift), each pixel-normalised over its channels (in float32, as the embedding).
+      scale, shift = jnp.split(emb_out.astype(jnp.float32), 2, axis=-1)
+      h = (_group_norm(h, 'out_norm', self.edm_groups) * layers.pixel_norm(scale).astype(h.dtype)
+           + layers.pixel_norm(shift).astype(h.dtype))
+    elif self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
       h = _group_norm(h, 'out_norm', self.edm_groups) * (1 + scale) + shift
     else:
@@ -201,6 +210,7 @@ class ADM(nn.Module):
   resblock_updown: bool = False
   use_new_attention_order: bool = False
   num_classes: int = 0
+  adaptive_double_norm: bool = False  # sCM's, in place of the (1 + scale), shift of scale-shift norm.
   # EDM's DhariwalUNet: GroupNorm groups min(32, C // 4) (the same as 32 from 128 channels up), and
   # C // num_head_channels heads, none (no attention layer) where that is 0.
   edm_groups: bool = False
@@ -242,7 +252,8 @@ class ADM(nn.Module):
 
     def res_block(name, out_ch, up=False, down=False):
       return ResBlock(out_ch=out_ch, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                      up=up, down=down, edm_groups=self.edm_groups, dtype=dtype, name=name)
+                      adaptive_double_norm=self.adaptive_double_norm, up=up, down=down,
+                      edm_groups=self.edm_groups, dtype=dtype, name=name)
 
     def attention(name, channels, upsampling=False):
       return AttentionBlock(num_heads=self._heads(channels, upsampling),

@@ -48,6 +48,12 @@ def group_norm(x: jax.Array, dtype: Dtype) -> jax.Array:
       num_groups=num_groups(x.shape[-1]), epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)(x)
 
 
+def pixel_norm(x: jax.Array, epsilon: float = 1e-8) -> jax.Array:
+  """PGGAN's pixel norm (Karras et al. 2018): x / sqrt(mean over channels of x^2 + eps), in float32."""
+  x32 = x.astype(jnp.float32)
+  return (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + epsilon)).astype(x.dtype)
+
+
 def conv(x: jax.Array, features: int, kernel_size: int, dtype: Dtype, stride: int = 1,
          init_scale: float = 1.0) -> jax.Array:
   """A 'SAME' convolution with DDPM initialisation, created in the caller's scope (named Conv_i)."""
@@ -302,6 +308,7 @@ class ResnetBlockDDPMpp(nn.Module):
   skip_rescale: bool = False
   init_scale: float = 0.0
   conv_size: int = 3
+  adaptive_double_norm: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -310,9 +317,7 @@ class ResnetBlockDDPMpp(nn.Module):
     out_ch = self.out_ch or c
     h = act(group_norm(x, self.dtype))
     h = conv(h, out_ch, self.conv_size, self.dtype)
-    if temb is not None:
-      h += _temb_bias(temb, out_ch, self.dtype)
-    h = act(group_norm(h, self.dtype))
+    h = act(_embed_and_norm(h, temb, out_ch, self.adaptive_double_norm, self.dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv(h, out_ch, self.conv_size, self.dtype, init_scale=self.init_scale)
     if c != out_ch:
@@ -332,6 +337,7 @@ class ResnetBlockBigGANpp(nn.Module):
   skip_rescale: bool = True
   init_scale: float = 0.0
   conv_size: int = 3
+  adaptive_double_norm: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -349,9 +355,7 @@ class ResnetBlockBigGANpp(nn.Module):
     if resample is not None:
       h, x = resample(h), resample(x)
     h = conv(h, out_ch, self.conv_size, self.dtype)
-    if temb is not None:
-      h += _temb_bias(temb, out_ch, self.dtype)
-    h = act(group_norm(h, self.dtype))
+    h = act(_embed_and_norm(h, temb, out_ch, self.adaptive_double_norm, self.dtype))
     h = nn.Dropout(self.dropout)(h, deterministic=not train)
     h = conv(h, out_ch, self.conv_size, self.dtype, init_scale=self.init_scale)
     if c != out_ch or resample is not None:
@@ -363,6 +367,28 @@ def _temb_bias(temb: jax.Array, out_ch: int, dtype: Dtype) -> jax.Array:
   """Per-channel bias from the noise-level embedding (a Dense_i in the caller's scope)."""
   bias = nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype, param_dtype=jnp.float32)(act(temb))
   return bias[:, None, None, :]
+
+
+def _embed_and_norm(h: jax.Array, temb: Optional[jax.Array], out_ch: int, adaptive_double_norm: bool,
+                    dtype: Dtype) -> jax.Array:
+  """The block's second GroupNorm with the noise embedding: GN(h + bias(temb)) as in NCSN++, or sCM's
+  adaptive double normalisation GN(h) * pnorm(scale(temb)) + pnorm(shift(temb)) (Lu & Song 2024,
+  Sec. 4.1), whose per-channel modulation has unit RMS whatever the embedding's scale."""
+  if temb is None:
+    return group_norm(h, dtype)
+  if not adaptive_double_norm:
+    return group_norm(h + _temb_bias(temb, out_ch, dtype), dtype)
+  # Created in the same place as the bias's Dense (Dense_0), with twice its features.
+  modulation = nn.Dense(2 * out_ch, kernel_init=default_init(), dtype=jnp.float32,
+                        param_dtype=jnp.float32)(act(temb.astype(jnp.float32)))
+  scale, shift = _two_pixel_norms(modulation)
+  return group_norm(h, dtype) * scale.astype(dtype) + shift.astype(dtype)
+
+
+def _two_pixel_norms(modulation: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """pnorm(scale), pnorm(shift) of a [B, 2 C] projection, each normalised over its C channels."""
+  scale, shift = jnp.split(modulation, 2, axis=-1)
+  return pixel_norm(scale)[:, None, None, :], pixel_norm(shift)[:, None, None, :]
 
 
 class Combine(nn.Module):

@@ -40,6 +40,8 @@ class NCSNpp(nn.Module):
   fourier_scale: float = 16.0
   conv_size: int = 3
   num_classes: int = 0
+  # sCM's adaptive double normalisation of the noise embedding in every residual block.
+  adaptive_double_norm: bool = False
   # False: the class embedding is added after the noise embedding's MLP (as ADM). True: before it, to
   # the Fourier/sinusoidal features (EDM's SongUNet, whose label map is folded into the table).
   labels_before_mlp: bool = False
@@ -90,12 +92,13 @@ class NCSNpp(nn.Module):
     if self.resblock_type == 'ddpm':
       resnet_block = functools.partial(
           layers.ResnetBlockDDPMpp, dropout=self.dropout, init_scale=self.init_scale,
-          skip_rescale=self.skip_rescale, conv_size=self.conv_size, dtype=dtype)
+          skip_rescale=self.skip_rescale, conv_size=self.conv_size,
+          adaptive_double_norm=self.adaptive_double_norm, dtype=dtype)
     elif self.resblock_type == 'biggan':
       resnet_block = functools.partial(
           layers.ResnetBlockBigGANpp, dropout=self.dropout, fir=self.fir, fir_kernel=self.fir_kernel,
           init_scale=self.init_scale, skip_rescale=self.skip_rescale, conv_size=self.conv_size,
-          dtype=dtype)
+          adaptive_double_norm=self.adaptive_double_norm, dtype=dtype)
     else:
       raise ValueError(f'Unknown resblock_type {self.resblock_type!r}.')
 
