@@ -20,7 +20,7 @@ None. The output has x's shape and is float32.
 """
 
 import numbers
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -89,6 +89,26 @@ def _levels(image_size: int, ch_mult: tuple[int, ...], attn_resolutions: tuple[i
   return resolutions
 
 
+class _Shape(NamedTuple):
+  """The fields every U-Net here reads, checked: widths nf * ch_mult, one resolution per level."""
+  nf: int
+  ch_mult: tuple[int, ...]
+  attn_resolutions: tuple[int, ...]
+  num_res_blocks: int
+  num_classes: int
+  resolutions: tuple[int, ...]
+
+
+def _shape(model_config: ml_collections.ConfigDict, image_size: int) -> _Shape:
+  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
+  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
+  return _Shape(nf=_positive_int(model_config, 'nf'), ch_mult=ch_mult,
+                attn_resolutions=attn_resolutions,
+                num_res_blocks=_positive_int(model_config, 'num_res_blocks'),
+                num_classes=_positive_int(model_config, 'num_classes', minimum=0),
+                resolutions=_levels(image_size, ch_mult, attn_resolutions))
+
+
 def _dropout(model_config: ml_collections.ConfigDict) -> float:
   dropout = _get(model_config, 'dropout')
   if not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
@@ -149,15 +169,10 @@ def _ncsnpp(model_config: ml_collections.ConfigDict, image_size: int,
       raise ConfigError(f'config.model.{key}={value!r} is unknown; use one of {allowed}.')
     choices[key] = value
 
-  nf = _positive_int(model_config, 'nf')
-  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
-  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
-  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
+  nf, ch_mult, attn_resolutions, num_res_blocks, num_classes, _ = _shape(model_config, image_size)
   conv_size = _positive_int(model_config, 'conv_size')
-  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
   if conv_size % 2 == 0:
     raise ConfigError(f'config.model.conv_size must be odd (for "same" padding), got {conv_size}.')
-  _levels(image_size, ch_mult, attn_resolutions)
 
   # GroupNorm needs channels divisible by min(channels // 4, 32) groups, at least one group. The input
   # pyramid's concatenation ('input_skip' with 'cat') doubles a level's channels.
@@ -219,12 +234,8 @@ def _heads_setting(model_config: ml_collections.ConfigDict, key: str) -> int:
 
 
 def _adm(model_config: ml_collections.ConfigDict, image_size: int, edm_groups: bool = False) -> ADM:
-  nf = _positive_int(model_config, 'nf')
-  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
-  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
-  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
-  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
-  resolutions = _levels(image_size, ch_mult, attn_resolutions)
+  nf, ch_mult, attn_resolutions, num_res_blocks, num_classes, resolutions = _shape(model_config,
+                                                                                   image_size)
 
   # Every GroupNorm has 32 groups (the concatenations on the way up add multiples of the level widths),
   # or with EDM's rule min(32, C // 4).
@@ -296,12 +307,8 @@ def _adm(model_config: ml_collections.ConfigDict, image_size: int, edm_groups: b
 
 
 def _edm2(model_config: ml_collections.ConfigDict, image_size: int) -> EDM2UNet:
-  nf = _positive_int(model_config, 'nf')
-  ch_mult = _int_tuple(model_config, 'ch_mult', allow_empty=False)
-  attn_resolutions = _int_tuple(model_config, 'attn_resolutions', allow_empty=True)
-  num_res_blocks = _positive_int(model_config, 'num_res_blocks')
-  num_classes = _positive_int(model_config, 'num_classes', minimum=0)
-  resolutions = _levels(image_size, ch_mult, attn_resolutions)
+  nf, ch_mult, attn_resolutions, num_res_blocks, num_classes, resolutions = _shape(model_config,
+                                                                                   image_size)
   head_channels = _heads_setting(model_config, 'num_head_channels')
   if head_channels < 1:
     raise ConfigError("config.model.num_head_channels must be positive for 'edm2' (EDM2's "
