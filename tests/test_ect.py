@@ -244,13 +244,10 @@ def test_ect_starts_from_the_teacher_and_samples(tmp_path, digits_data_dir):
   """The teacher is the converted EDM fixture of tests/test_convert.py (a digits NCSN++ with two
   levels and attention at 4x4, tests/tiny.py's network when the fixture was written): no teacher
   training, and ECT from a converted EDM checkpoint, as the issue asks."""
-  def fixture_arch(config):
-    config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
-    return config
   teacher_dir = str(tmp_path / 'teacher')
-  convert.convert(fixture_arch(tiny.edm_config(digits_data_dir)),
+  convert.convert(tiny.fixture_network(tiny.edm_config(digits_data_dir)),
                   os.path.join(FIXTURES, 'edm_ncsnpp_tiny.pkl'), teacher_dir, log=lambda line: None)
-  config = fixture_arch(tiny.shrink(digits_ect.get_config(), digits_data_dir, steps=2))
+  config = tiny.fixture_network(tiny.shrink(digits_ect.get_config(), digits_data_dir, steps=2))
   config.teacher.workdir, config.teacher.train_if_missing = teacher_dir, False
   config.ect.stage_images = config.training.batch_size  # A stage per step: stages 0 and 1.
 
