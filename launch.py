@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
+from cm_jax.errors import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
 from cm_jax.modes import MODES  # pylint: disable=g-import-not-at-top
 
 FLAGS = flags.FLAGS
@@ -51,21 +52,42 @@ def _init_distributed() -> None:
                                   FLAGS.process_id)
 
 
+def _config_spec(argv) -> str | None:
+  """The value of --config (`--config=x` or `--config x`), if given."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
 def _parse_flags(argv):
-  """absl flag parsing, with a plain message for an override path the config does not have."""
+  """absl flag parsing, with one line for what a user can get wrong: a config file that is not
+  there, a variant it does not have, an override path it does not have or a value of the wrong type.
+  """
+  from cm_jax import config_utils  # pylint: disable=g-import-not-at-top
+  from cm_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  spec = _config_spec(argv)
   try:
+    if spec is not None:
+      # config_flags would defer a missing file's error to the config's first use, as a traceback.
+      config_utils.check_config_file(spec)
     return FLAGS(argv)
-  except (AttributeError, KeyError) as error:
-    from cm_jax import config_utils
-    from cm_jax.errors import ConfigError
-    spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  except ConfigError as error:
+    sys.exit(f'Config error: {error}')
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
     keys = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
     try:
       if spec is not None:
+        # Runs the config file again, outside config_flags: its own errors keep their traceback.
         config_utils.check_override_keys(config_utils.load_config_file(spec), keys)
     except ConfigError as config_error:
       sys.exit(f'Config error: {config_error}')
-    sys.exit(f'Config error: {error}')
+    message = str(error)
+    if isinstance(error, flags.Error) and '\n' not in message.strip():
+      sys.exit(f'Config error: {message.removeprefix("flag ")}')  # E.g. a value of the wrong type.
+    raise
 
 
 def main(argv) -> None:
@@ -74,7 +96,7 @@ def main(argv) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # TF must not take GPU memory from JAX.
-  from cm_jax.errors import USER_ERRORS
+  from cm_jax.errors import USER_ERRORS, Preempted
   try:
     from cm_jax import config_utils
     config_utils.check_local_dir(FLAGS.workdir)
@@ -87,17 +109,30 @@ def main(argv) -> None:
                  jax.process_count(), jax.local_device_count(), jax.device_count())
     if jax.process_index() > 0:
       logging.set_verbosity(logging.WARNING)  # One progress log per run (process 0's); warnings stay.
-    _run_mode(FLAGS.config)
+    result = _run_mode(FLAGS.config)
   except USER_ERRORS as error:
     logging.error('%s: %s', type(error).__name__, error)
     sys.exit(f'{type(error).__name__}: {error}')
+  except Preempted as notice:
+    _exit_preempted(str(notice))
+  if getattr(result, 'preempted', False):
+    _exit_preempted(f'Preemption notice: the checkpoint of step {result.step} is saved in '
+                    f'{FLAGS.workdir}. Relaunch the same command to resume.')
 
 
-def _run_mode(config) -> None:
+def _exit_preempted(message: str) -> None:
+  """Exit with PREEMPTED_EXIT_CODE: not 0, so that a scheduler or an `&&` chain sees the run is not
+  finished, and not 1, so that it can tell a stop to resume from a failure."""
+  logging.warning('%s', message)
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def _run_mode(config):
   import importlib
   mode = importlib.import_module(f'cm_jax.modes.{FLAGS.mode}')
   flags = {'edit': {'edit_input': FLAGS.edit_input}, 'eval': {'samples_path': FLAGS.eval_samples}}
-  mode.run(config, FLAGS.workdir, **flags.get(FLAGS.mode, {}))
+  return mode.run(config, FLAGS.workdir, **flags.get(FLAGS.mode, {}))
 
 
 if __name__ == '__main__':

@@ -6,8 +6,8 @@ r"""One benchmark harness: step throughput, sampling speed-up, compile time, mem
   python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=8 --methods=edm,cd,ct,sct,scd
 
 For a config and a global batch it measures, after warm-up: the training step of each method asked
-for (the config's own by default; `--methods=edm,cd,ct,ict,sct,scd` or `--all_methods` for variants
-of the same network and data shape), the 1-step and 2-step consistency samplers and the EDM teacher's Heun
+for (the config's own by default; `--methods=edm,cd,ct,ict,ect,sct,scd` or `--all_methods` for
+variants of the same network and data shape), the 1-step and 2-step consistency samplers and the EDM teacher's Heun
 sampler (35 NFE) on the same network; the one-step speed-up over the teacher at equal batch; the
 compile time of each; XLA's memory analysis, the device's peak memory where the backend reports it and
 the host's peak RSS; model FLOPs from XLA's cost analysis and, on GPU/TPU, the fraction of peak FLOP/s.
@@ -39,7 +39,7 @@ from cm_jax import experiment, files, karras, methods, sharding, trainer
 from configs import cifar10_ct, cifar10_ict, default
 
 SCHEMA_VERSION = 1
-METHOD_LABELS = ('edm', 'cd', 'ct', 'ict', 'sct', 'scd')
+METHOD_LABELS = ('edm', 'cd', 'ct', 'ict', 'ect', 'sct', 'scd')
 SAMPLERS = ('onestep', 'twostep', 'teacher_heun')
 # A sampler call expected to take longer than this is timed once, without warm-up (see bench_sampling).
 LONG_CALL_S = 30.0
@@ -80,7 +80,7 @@ def peak_flops_per_device(device_kind: str, dtype: str) -> float | None:
 # Method variants of one config: same network and data shape, another objective.
 # --------------------------------------------------------------------------------------------------
 def method_label(config: ml_collections.ConfigDict) -> str:
-  """'edm', 'cd', 'ct', 'ict' (a ct run with the iCT curriculum), 'sct' or 'scd'."""
+  """'edm', 'cd', 'ct', 'ict' (a ct run with the iCT curriculum), 'ect', 'sct' or 'scd'."""
   if config.method == 'ct' and config.consistency.scale_schedule == 'ict':
     return 'ict'
   return config.method
@@ -89,12 +89,13 @@ def method_label(config: ml_collections.ConfigDict) -> str:
 def method_config(config: ml_collections.ConfigDict, label: str) -> ml_collections.ConfigDict:
   """`config` with its method swapped for `label`; the config itself when it already is that method.
 
-  Only `method`, `consistency`, `scm` and the teacher's bookkeeping change. CD uses the paper's
-  CIFAR-10 settings (N = 18, Heun teacher step, mu = 0), CT those of configs/cifar10_ct.py, iCT those
-  of configs/cifar10_ict.py; CD and CT keep the config's distance when it has one (else L2), iCT uses
-  its pseudo-Huber. sCT and sCD use configs/default.py's `scm` section (every stabiliser on, the
-  adaptive weighting included) on the config's network as it is. The cost of a step does not depend
-  on the values of N or mu.
+  Only `method`, `consistency`, `ect`, `scm` and the teacher's bookkeeping change. CD uses the
+  paper's CIFAR-10 settings (N = 18, Heun teacher step, mu = 0), CT those of configs/cifar10_ct.py,
+  iCT those of configs/cifar10_ict.py, ECT ECT's CIFAR-10 run (configs/default.py `ect`); CD and CT
+  keep the config's distance when it has one (else L2), iCT uses its pseudo-Huber. sCT and sCD use
+  configs/default.py's `scm` section (every stabiliser on, the adaptive weighting included) on the
+  config's network as it is. The cost of a step does not depend on the values of N, mu or ECT's
+  stage.
   """
   if label not in METHOD_LABELS:
     raise ValueError(f'Unknown method {label!r}: use one of {", ".join(METHOD_LABELS)}.')
@@ -102,6 +103,7 @@ def method_config(config: ml_collections.ConfigDict, label: str) -> ml_collectio
   if label == method_label(config):
     return variant
   distance = config.consistency.distance if config.method in ('cd', 'ct') else 'l2'
+  random_teacher = '(benchmark: random teacher)'  # Never loaded: weights are random.
   if distance == 'pseudo_huber' and label != 'ict':
     distance = 'l2'  # The paper's CD/CT never used it; keep them as published.
   if label == 'edm':
@@ -111,7 +113,12 @@ def method_config(config: ml_collections.ConfigDict, label: str) -> ml_collectio
     variant.consistency = default.get_config().consistency
     variant.consistency.distance = distance  # Defaults: N = 18, Heun, mu = 0, as the paper's CD.
     if not variant.teacher.config and not variant.teacher.workdir:
-      variant.teacher.config = '(benchmark: random teacher)'  # Never loaded: weights are random.
+      variant.teacher.config = random_teacher
+  elif label == 'ect':
+    variant.method = 'ect'
+    variant.ect = default.get_config().ect
+    if not variant.teacher.config and not variant.teacher.workdir:
+      variant.teacher.config = random_teacher  # ECT starts from it; the benchmark from random weights.
   elif label == 'ct':
     variant.method = 'ct'
     variant.consistency = cifar10_ct.get_config(distance).consistency
@@ -267,6 +274,15 @@ def build(config: ml_collections.ConfigDict, batch_size: int) -> experiment.Expe
 # --------------------------------------------------------------------------------------------------
 # The training step of one method.
 # --------------------------------------------------------------------------------------------------
+def step_distance(config: ml_collections.ConfigDict) -> str | None:
+  """The distance a consistency step computes (None for EDM)."""
+  if config.method in ('cd', 'ct'):
+    return config.consistency.distance
+  if config.method == 'ect':
+    return 'pseudo_huber' if config.ect.huber_c > 0 else 'l2_norm'
+  return None
+
+
 def bench_train_step(exp: experiment.Experiment, params, batch: dict, warmup: int, steps: int,
                      peak: float | None, profile_dir: str = '', profile_steps: int = 0) -> dict:
   """Compile the real train step (trainer.make_train_step), then time `steps` calls after `warmup`."""
@@ -299,7 +315,7 @@ def bench_train_step(exp: experiment.Experiment, params, batch: dict, warmup: in
   c = exp.config.consistency
   return {
       'method': exp.config.method,
-      'distance': c.distance if exp.config.method in ('cd', 'ct') else None,
+      'distance': step_distance(exp.config),
       'num_scales_schedule': c.scale_schedule if exp.config.method in ('cd', 'ct') else None,
       **compile_times,
       'warmup_steps': warmup,
@@ -328,7 +344,7 @@ def sampler_method(config: ml_collections.ConfigDict, model, teacher_levels: int
   levels (the config's sampling.num_steps when 0: 18 levels = 35 NFE).
   """
   config = copy.deepcopy(config)
-  if config.method not in ('cd', 'ct'):
+  if config.method not in ('cd', 'ct', 'ect'):
     config.consistency = default.get_config().consistency
     config.sampling.ts, config.sampling.sigmas = (0, 11, 17), ()
   if teacher_levels:
@@ -573,19 +589,19 @@ def markdown_report(result: dict) -> str:
       f'{result["dtype"]}. Times are medians of {s["steps"]} steps / {s["sample_runs"]} sampler calls '
       f'after {s["warmup"]} warm-up; "CPU" columns are this process\'s CPU seconds (all threads).',
       '',
-      '| step | distance | compile (s) | step (s) | step CPU (s) | vs EDM (CPU) | images/s '
-      '| GFLOP/image | forwards | achieved GFLOP/s | MFU | XLA memory (GiB) |',
+      '| step | distance | compile (s) | step (s) | step CPU (s) | images/s | GFLOP/image '
+      '| forwards | achieved GFLOP/s | MFU | XLA memory (GiB) | step / EDM step (CPU) |',
       '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for label, r in result['train'].items():
     total = (r['memory'] or {}).get('total_bytes')
     lines.append(
         f'| {label} | {r["distance"] or "-"} | {r["compile_s"]:.1f} | {r["step"]["median_s"]:.3g} '
-        f'| {r["step"]["cpu_median_s"]:.3g} | {_num(r.get("step_cpu_over_edm"), ".2f")} '
-        f'| {r["images_per_s"]:.3g} | {_num(r["flops_per_image"], ".3g", 1e-9)} '
+        f'| {r["step"]["cpu_median_s"]:.3g} | {r["images_per_s"]:.3g} | {_num(r["flops_per_image"], ".3g", 1e-9)} '
         f'| {_num(r["forward_equivalents"], ".1f")} '
         f'| {_num(r["achieved_flops_per_s"], ".3g", 1e-9)} | {_num(r["mfu"], ".1%")} '
-        f'| {_num(total, ".2f", gib)} |')
+        f'| {_num(total, ".2f", gib)} | {_num(r.get("step_over_edm"), ".2f")} '
+        f'({_num(r.get("step_cpu_over_edm"), ".2f")}) |')
   if result['sampling']:
     sp = result['speedup']
     lines += [
@@ -666,10 +682,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Config file (path.py or path.py:variant).',
                                   lock_config=False)
   flags.DEFINE_integer('batch', 0, 'Global batch (split over all devices); 0: the config\'s.')
-  flags.DEFINE_string('methods', '', 'Training steps to time, e.g. edm,cd,ct,ict,sct,scd; default: '
-                      'the config\'s method.')
-  flags.DEFINE_bool('all_methods', False, 'Time edm, cd, ct, ict, sct and scd on the config\'s '
-                    'network.')
+  flags.DEFINE_string('methods', '', 'Training steps to time, e.g. edm,cd,ct,ict,ect,sct,scd; '
+                      'default: the config\'s method.')
+  flags.DEFINE_bool('all_methods', False, 'Time edm, cd, ct, ict, ect, sct and scd on the '
+                    'config\'s network.')
   flags.DEFINE_integer('warmup', 1, 'Untimed calls of each step and sampler before timing.')
   flags.DEFINE_integer('steps', None, 'Timed training steps (default 3 on CPU, 10 elsewhere).')
   flags.DEFINE_integer('sample_runs', None, 'Timed calls of each consistency sampler (default 3 on '

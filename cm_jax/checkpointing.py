@@ -46,9 +46,18 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.read_only = read_only
     self._sigterm = threading.Event()
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(int(save_every), 1), max_to_keep=keep,
-        enable_async_checkpointing=async_save, create=not read_only, read_only=read_only,
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+        read_only=read_only,
+        # Every `save_every` steps and at a preemption notice; not Orbax's default extra save of the
+        # first step a manager sees (a checkpoint at step 1 with checkpoint_every=5).
+        save_decision_policy=policies.AnySavePolicy([
+            policies.FixedIntervalPolicy(max(int(save_every), 1)),
+            policies.PreemptionCheckpointingPolicy()]),
+        # Step directories are created inside save(): a folder that cannot be written then fails
+        # there, at once, instead of in a background thread that other threads wait 5 minutes for.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         # Temporary directories of saves that a killed process never finished.
         cleanup_tmp_directories=not read_only)
     # Naming every item's handler lets a fresh manager read metadata and restore single items.
@@ -99,14 +108,38 @@ class Checkpointer:
     items = {name: ocp.args.StandardSave(tree) for name, tree in state.items() if tree is not None
              and jax.tree.leaves(tree)}
     items['meta'] = ocp.args.JsonSave(dict(meta))
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(error, step) from error
 
   def restore_items(self, step: int, abstract_items: Mapping[str, Any]) -> dict:
-    """Restore only the named array items (abstract trees carry their target shardings)."""
+    """Restore only the named array items (abstract trees carry their target shardings).
+
+    Raises:
+      ValueError: the saved params are of another network (checked on the metadata first).
+    """
+    self._check_shapes(step, abstract_items)
     args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()
             if jax.tree.leaves(tree)}
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return {name: restored[name] if name in args else tree for name, tree in abstract_items.items()}
+
+  def _check_shapes(self, step: int, abstract_items: Mapping[str, Any]) -> None:
+    """Refuse another network's params before reading any array: a read that fails half-way leaves
+    TensorStore callbacks that find Orbax's event loop closed, one traceback each (thousands)."""
+    for name in ('params', 'ema_params'):
+      tree = abstract_items.get(name)
+      if tree is None or not jax.tree.leaves(tree):
+        continue
+      saved = self.item_shapes(step, name)
+      ours = {jax.tree_util.keystr(path): tuple(leaf.shape)
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+      if saved != ours:
+        paths = sorted(p for p in set(saved) | set(ours) if saved.get(p) != ours.get(p))
+        listed = ', '.join(f'{p}: saved {saved.get(p)}, this run {ours.get(p)}' for p in paths[:2])
+        raise ValueError(f'the saved {name} are of another network ({len(paths)} differences, '
+                         f'e.g. {listed})')
 
   def restore_meta(self, step: int) -> dict:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta'])
@@ -160,11 +193,33 @@ class Checkpointer:
     self.manager.reload()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(error) from error
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def _write_error(self, error: Exception, step: int | None = None) -> Exception:
+    """A save that failed on the filesystem, as one line naming the folder; other errors as they are.
+
+    An OSError anywhere in the chain is the filesystem's (Orbax and TensorStore wrap them).
+    """
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):
+      cause = cause.__cause__ or cause.__context__
+    if cause is None:
+      return error
+    what = f'the checkpoint of step {step}' if step is not None else 'a checkpoint'
+    kept = self.latest_step()
+    return WorkdirError(f'Cannot write {what} into {self.directory} ({type(cause).__name__}: '
+                        f'{_short(cause)}). Make the folder writable (or free space), then relaunch '
+                        f'the same command: it resumes from '
+                        f'{"the start" if kept is None else f"step {kept}"}.')
 
 
 def _short(error: Exception, limit: int = 300) -> str:

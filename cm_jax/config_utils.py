@@ -4,6 +4,7 @@ Everything here runs before anything is compiled, so a bad value costs seconds, 
 """
 
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -25,20 +26,35 @@ RESUMABLE_CHANGES = ('training.num_steps', 'training.log_every', 'training.check
                      'training.num_grid_samples', 'training.final_samplers', 'sampling', 'eval',
                      'edit',
                      'mesh', 'data.data_dir', 'data.loader', 'teacher.train_if_missing',
-                     'teacher.workdir',
-                     'teacher.config', 'allow_other_config')
+                     'teacher.workdir', 'teacher.config', 'teacher.allow_unfinished',
+                     'allow_other_config')
+
+
+def check_config_file(spec: str) -> None:
+  """Raise ConfigError when the file of `path.py[:variant]` is not there (without running it)."""
+  path = spec.partition(':')[0]
+  if not os.path.isfile(path):
+    what = 'is a directory' if os.path.isdir(path) else 'does not exist'
+    raise ConfigError(f'Config file {path!r} {what} (paths are relative to the current directory '
+                      f'{os.getcwd()}): pass a .py file of configs/, e.g. '
+                      '--config=configs/digits_cd.py.')
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Load `path.py` or `path.py:arg` the way --config does (get_config() or get_config(arg))."""
+  check_config_file(spec)
   path, _, arg = spec.partition(':')
-  if not os.path.exists(path):
-    raise ConfigError(f'Config file {path!r} does not exist (paths are relative to the current '
-                      f'directory {os.getcwd()}).')
   module_spec = importlib.util.spec_from_file_location('_cm_jax_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  if not arg:
+    return module.get_config()
+  try:
+    inspect.signature(module.get_config).bind(arg)
+  except TypeError:
+    raise ConfigError(f'{path} has no variants (its get_config takes no argument): use '
+                      f'--config={path} without ":{arg}".') from None
+  return module.get_config(arg)
 
 
 def check_override_keys(config: ml_collections.ConfigDict, dotted_keys) -> None:
@@ -85,9 +101,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for decay in t.ema_decays:
     if not 0.0 <= decay < 1.0:
       raise ConfigError(f'training.ema_decays={tuple(t.ema_decays)}: each decay must be in [0, 1).')
-  if not 0 < n.sigma_min < n.sigma_max:
+  if not 0 < n.sigma_min < n.sigma_max < math.inf:
     raise ConfigError(f'noise.sigma_min={n.sigma_min} and sigma_max={n.sigma_max} must satisfy '
-                      '0 < sigma_min < sigma_max.')
+                      '0 < sigma_min < sigma_max < inf.')
+  # sigma_data divides in the preconditioning and the EDM loss weight, rho in the Karras grid's
+  # exponents: 0 gives NaN or inf in the first step, which would surface only as a non-finite loss
+  # after compiling.
+  for name in ('sigma_data', 'rho'):
+    if not (isinstance(n[name], (int, float)) and math.isfinite(n[name]) and n[name] > 0):
+      raise ConfigError(f'noise.{name}={n[name]} must be a positive number.')
+  if not math.isfinite(n.noise_cond_scale):
+    raise ConfigError(f'noise.noise_cond_scale={n.noise_cond_scale} must be a finite number.')
   choose(dict.fromkeys(trigflow.TIME_CONDITIONINGS), n.get('time_conditioning', 'log_sigma'),
          'noise.time_conditioning')
   if config.data.image_size < 1 or config.data.num_channels not in (1, 3):
@@ -99,6 +123,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'training.lr_end_factor={t.lr_end_factor} must be in [0, 1] (a fraction of '
                       'training.lr).')
   check_local_dir(config.teacher.workdir, '--config.teacher.workdir')
+
+
+def eval_samplers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The sampler names --mode=eval scores (eval.samplers, else sampling.sampler; '' is the method's
+  default)."""
+  if isinstance(config.eval.samplers, str):
+    raise ConfigError(f'eval.samplers={config.eval.samplers!r} must be a tuple, e.g. '
+                      "--config.eval.samplers=\"('onestep', 'multistep')\".")
+  # 'a,b' (what --config.eval.samplers=a,b gives) is read as two names.
+  names = tuple(n.strip() for name in config.eval.samplers for n in name.split(','))
+  return names or (config.sampling.sampler,)
 
 
 def _flatten(config, prefix: str = '') -> dict:

@@ -36,6 +36,16 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a non-finite loss; the last good checkpoint is kept."""
 
 
+class Preempted(Exception):
+  """A preemption notice (SIGTERM) stopped training after a checkpoint was saved, in a run this run
+  depends on (its teacher): relaunching the same command resumes it."""
+
+
+# What launch.py exits with after a preemption notice: the checkpoint is saved and relaunching the same
+# command resumes (75 is EX_TEMPFAIL of sysexits.h, "temporary failure; try again"), so schedulers and
+# `&&` chains can tell a stopped run from a finished one (0) and from a failed one (1).
+PREEMPTED_EXIT_CODE = 75
+
 # What launch.py reports as a one-line error instead of a traceback.
 USER_ERRORS = (ConfigError, DatasetNotFoundError, TeacherError, WorkdirError, NonFiniteLossError,
                PretrainedWeightsNotFoundError, ConversionError)

@@ -12,8 +12,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from cm_jax import checkpointing, config_utils, data, experiment, methods, sharding
-from cm_jax.errors import ConfigError
+from cm_jax import checkpointing, config_utils, data, experiment, methods, networks, sharding
+from cm_jax.errors import ConfigError, WorkdirError
 from cm_jax.experiment import Experiment, TrainState
 
 
@@ -50,8 +50,27 @@ class RestoredRun:
     return self.exp.load_frozen(lambda name: name == source)[source]
 
 
+# What must match between the config and the run it restores.
+_RUN_FIELDS = ('method', 'model', 'noise', 'data.name', 'data.image_size', 'data.num_channels')
+
+
+def check_run_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """The config must describe the network the workdir holds (restoring would fail less clearly)."""
+  saved = config_utils.read_saved_config(workdir)
+  if saved is None:
+    return
+  ignore = tuple(f'model.{name}' for name in networks.RUNTIME_FIELDS)
+  diffs = config_utils.config_differences(saved, config, ignore=ignore, only=_RUN_FIELDS)
+  if diffs:
+    listed = '; '.join(f'{k}: {a!r} in the workdir, {b!r} now' for k, (a, b) in diffs.items())
+    raise WorkdirError(f'{workdir} holds a run of another model ({listed}). Sample, edit or '
+                       'evaluate it with the config (and overrides) it was trained with.')
+
+
 def restore(config: ml_collections.ConfigDict, workdir: str) -> RestoredRun:
-  """The run in `workdir` for inference; raises ConfigError when there is nothing to restore."""
+  """The run in `workdir` for inference; raises ConfigError when there is nothing to restore and
+  WorkdirError when the config describes another model."""
+  check_run_matches(config, workdir)
   exp = experiment.build(restore_config(config, workdir), workdir)
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if not os.path.isdir(ckpt_dir):
@@ -59,8 +78,12 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> RestoredRun:
                       f'`python launch.py --config=<config> --workdir={workdir}`.')
   ckpt = checkpointing.Checkpointer(ckpt_dir, read_only=True)
   abstract = checkpointing.with_shardings(exp.abstract_state, exp.state_shardings)
-  restored = ckpt.restore_latest({'params': abstract.params, 'ema_params': abstract.ema_params})
-  ckpt.close()
+  try:
+    restored = ckpt.restore_latest({'params': abstract.params, 'ema_params': abstract.ema_params})
+  finally:
+    # Also when nothing restores: a manager left open has TensorStore callbacks that, at exit,
+    # find its event loop closed and print a traceback each.
+    ckpt.close()
   if restored is None:
     raise ConfigError(f'No restorable checkpoint in {ckpt_dir}.')
   step, items, _ = restored

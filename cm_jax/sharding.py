@@ -220,3 +220,27 @@ def barrier(name: str, timeout_s: int = 1800) -> None:
   # Each barrier key may be used once: number them (all processes make the same calls in order).
   key = f'cm_jax_{name}_{next(_barrier_ids)}'
   ocp.multihost.get_barrier_sync_fn()(key=key, timeout_ms=timeout_s * 1000)
+
+
+def raise_if_any(name: str, error: str | None, error_type: type[Exception],
+                 timeout_s: int = 600) -> None:
+  """Raise `error_type` on every process when any process passes an `error` message.
+
+  A check that fails on one process (a lock held, a folder its host cannot write) must stop all of
+  them at once: otherwise the others wait at their next barrier until it times out. The messages go
+  through the coordination service's key-value store, before anything is compiled.
+  """
+  if jax.process_count() == 1:
+    if error:
+      raise error_type(error)
+    return
+  # The coordination service's client has no public accessor (Orbax reads it from here too).
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  key = f'cm_jax_{name}_{next(_barrier_ids)}'
+  client.key_value_set(f'{key}/{jax.process_index()}', error or '')
+  for process in range(jax.process_count()):
+    message = client.blocking_key_value_get(f'{key}/{process}', timeout_s * 1000)
+    if message:
+      raise error_type(message if process == jax.process_index() else
+                       f'(process {process}) {message}')

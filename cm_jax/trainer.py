@@ -137,23 +137,41 @@ def fetch_metrics(pending: list) -> tuple[list[int], dict[str, np.ndarray]]:
   return steps, jax.device_get(stacked)
 
 
-def check_finite(steps: list[int], metrics: dict, last_saved: int | None, workdir: str) -> None:
+def check_finite(steps: list[int], metrics: dict, last_saved: int | None, workdir: str,
+                 config) -> None:
+  """Raise NonFiniteLossError at the first non-finite step, saying what is kept and how to go on
+  (`config`: the run's, so that the advice names only options that are not on already)."""
   bad = np.flatnonzero(~metrics['finite'])
-  if bad.size:
-    i = int(bad[0])
-    raise NonFiniteLossError(
-        f'The loss or gradient became non-finite at step {steps[i]} (loss={metrics["loss"][i]}). '
-        f'Training stopped; the last good checkpoint (step {last_saved}) is kept in {workdir}. '
-        'Lower training.lr, enable training.grad_clip, or use model.dtype=float32, then relaunch '
-        'the same command to resume.')
+  if not bad.size:
+    return
+  i = int(bad[0])
+  if last_saved is None:
+    kept, resumes = f'no checkpoint was saved yet in {workdir}', 'to start again with them'
+  else:
+    kept = f'the last good checkpoint (step {last_saved}) is kept in {workdir}'
+    resumes = f'to resume from step {last_saved} with them'
+  t = config.training
+  # Only what can change on resumption: a lower rate, and float32 where it is not on already.
+  changes = [f'--config.training.lr={t.lr / 10:.3g}']
+  if config.model.get('dtype', 'float32') != 'float32':
+    changes.append('--config.model.dtype=float32')
+  message = (f'The loss or gradient became non-finite at step {steps[i]} '
+             f'(loss={metrics["loss"][i]}). Training stopped; {kept}. Relaunch the same command '
+             f'with {" ".join(changes)} --config.allow_other_config=True {resumes}.')
+  if t.grad_clip <= 0:
+    # Clipping adds a stage to the optimizer, whose saved state then no longer fits.
+    message += ' Enabling gradient clipping (--config.training.grad_clip=1.0) needs a new --workdir.'
+  raise NonFiniteLossError(message)
 
 
 def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
-          hooks: tuple[Hook, ...] = ()) -> TrainResult:
+          hooks: tuple[Hook, ...] = (), on_state_ready: Callable[[], None] | None = None
+          ) -> TrainResult:
   """Train (or resume) the run in exp.workdir to training.num_steps.
 
   `frozen` holds the method's frozen inputs (Experiment.load_frozen); `hooks` run after every step
-  but the last (each decides itself whether to act).
+  but the last (each decides itself whether to act); `on_state_ready` runs once the state is
+  restored or created (the train mode records the config then).
   """
   config, training = exp.config, exp.config.training
   pipeline = data.InputPipeline(config.data, training.batch_size, config.seed,
@@ -162,6 +180,8 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
                                     training.checkpoint_every, training.keep_checkpoints)
   try:
     state, start_step = restore_or_init(exp, ckpt)
+    if on_state_ready is not None:
+      on_state_ready()
     # A finished run (relaunched for its final samples) compiles no step.
     train_step = (compile_train_step(exp, state, frozen)
                   if start_step < training.num_steps else None)
@@ -173,9 +193,11 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
     with ckpt.watch_sigterm():
       return _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, report, hooks, start_step)
   finally:
-    pipeline.close()
-    ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
-    writer.flush()
+    try:
+      ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.
+    finally:  # Also when that save failed (a WorkdirError): the input workers stop.
+      pipeline.close()
+      writer.flush()
 
 
 def _loop(exp: Experiment, state: TrainState, frozen, train_step, pipeline, ckpt, writer, report,
@@ -198,7 +220,8 @@ def _loop(exp: Experiment, state: TrainState, frozen, train_step, pipeline, ckpt
     save = ckpt.should_save(step) or is_last or preempted
     if step % training.log_every == 0 or save:
       steps, host = fetch_metrics(pending)
-      check_finite(steps, host, last_saved, exp.workdir)  # Before saving: only good states land.
+      # Before saving: only good states land.
+      check_finite(steps, host, last_saved, exp.workdir, exp.config)
       writer.write_scalars(step, {k: float(np.mean(v)) for k, v in host.items() if k != 'finite'})
       history.extend(zip(steps, host['loss'].tolist()))
       pending = []

@@ -11,7 +11,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # Which objective trains the network: 'edm' (diffusion teacher), 'cd' (consistency distillation),
-  # 'ct' (consistency training; the iCT improvements are switches under `consistency`), or the
+  # 'ct' (consistency training; the iCT improvements are switches under `consistency`), 'ect'
+  # (easy consistency tuning from an EDM run's weights; its settings under `ect`), or the
   # continuous-time 'scd' / 'sct' (sCM, Lu & Song 2024; switches under `scm`).
   config.method = 'edm'
   config.seed = 0
@@ -125,6 +126,23 @@ def get_config() -> ml_collections.ConfigDict:
   # (piq.LPIPS(replace_pooling=True), the ImageNet-64 and LSUN reference).
   cons.lpips_pooling = 'max'
 
+  # Easy Consistency Tuning (Geng et al. 2024; cm_jax/methods/ect.py). Defaults: locuslab/ect's
+  # CIFAR-10 run (run_ecm.sh, training/loss.py on its main branch).
+  config.ect = ect = ml_collections.ConfigDict()
+  ect.p_mean = -1.1  # t ~ LogNormal(p_mean, p_std^2), unclipped.
+  ect.p_std = 2.0
+  # r = max(0, t (1 - q^-(stage+1) n(t))); n(t) = 1 + k sigmoid(-b t) ('sigmoid') or 1 ('constant').
+  ect.q = 2.0
+  ect.mapping = 'sigmoid'
+  ect.k = 8.0
+  ect.b = 1.0
+  # The stage advances every stage_images training images (250 ticks of 12.8k images in run_ecm.sh).
+  ect.stage_images = 3_200_000
+  # Per example sqrt(||f_t - f_r||^2 + c^2) - c over all its values (0: the L2 norm, as CIFAR-10).
+  ect.huber_c = 0.0
+  # 'inverse_gap' 1/(t - r) (CIFAR-10 code) | 'edm' (t^2 + sd^2)/(t sd)^2 (ImageNet-64 code).
+  ect.weighting = 'inverse_gap'
+
   # Continuous-time consistency models, sCT and sCD (Lu & Song 2024, arXiv 2410.11081; cm_jax/trigflow.py).
   # Each stabiliser is a switch here; noise.time_conditioning = 'trigflow', model.embedding_type =
   # 'positional' and model.adaptive_double_norm are the network changes the paper makes.
@@ -153,12 +171,15 @@ def get_config() -> ml_collections.ConfigDict:
   # an unconditional mode, which cm_jax's EDM runs do not train yet.
   scm.guidance_scale = 1.0
 
-  # The EDM teacher run: the one a CD run distils, or the one whose weights a CT run starts from
-  # (when set; CT runs from scratch otherwise).
+  # The EDM teacher run: the one a CD run distils, or the one whose weights a CT run (when set; CT
+  # runs from scratch otherwise) or an ECT run starts from.
   config.teacher = teacher = ml_collections.ConfigDict()
   teacher.workdir = ''  # '' means <workdir>/teacher.
   teacher.config = ''  # The teacher run's config file (its model must match this model).
   teacher.train_if_missing = False  # Train the teacher into teacher.workdir first if it is not there.
+  # A teacher run that stopped before its training.num_steps (preempted, killed) is refused; True
+  # distils it as it is.
+  teacher.allow_unfinished = False
   teacher.ema_index = 0  # Which of the teacher run's EMA copies to distil.
   # Where a CD student starts: 'ema' (every copy from that EMA copy, as openai/consistency_models) or
   # 'online_and_ema' (online params from the teacher's online params, EMA copies from its EMA, as

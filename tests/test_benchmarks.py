@@ -116,3 +116,63 @@ def test_the_jvp_of_an_scm_step_costs_one_forward():
   assert 2.8 < forwards['edm'] < 3.2, forwards
   assert 0.8 < forwards['sct'] - forwards['edm'] < 1.2, forwards
   assert 0.8 < forwards['scd'] - forwards['sct'] < 1.2, forwards
+
+
+def test_an_ect_step_costs_what_a_ct_step_costs():
+  """ECT's step is two forwards and one backward, as CT's: ~4 forwards, 4/3 of an EDM step. Counted
+  by XLA's cost analysis of the lowered steps (no compile, no timing)."""
+  config = tiny_digits_cd()
+  flops = {}
+  for label in ('edm', 'ct', 'ect'):
+    exp = bench.build(bench.method_config(config, label), 8)
+    assert bench.method_label(exp.config) == label
+    params = jax.eval_shape(lambda key: exp.model.init(key, exp.image_shape), jax.random.PRNGKey(0))
+    state = jax.eval_shape(lambda p: exp.init_state_fn(p)(jax.random.PRNGKey(0)), params)
+    batch = {'image': jax.ShapeDtypeStruct((8,) + exp.image_shape, jax.numpy.float32),
+             'label': jax.ShapeDtypeStruct((8,), jax.numpy.int32)}
+    step = bench.trainer.make_train_step(exp, {})
+    flops[label] = bench.xla_flops(step.lower(state, {}, batch, jax.ShapeDtypeStruct((), 'int32')))
+  assert flops['ect'] == pytest.approx(flops['ct'], rel=0.05)
+  assert flops['ect'] / flops['edm'] == pytest.approx(4 / 3, rel=0.1)
+  assert bench.step_distance(bench.method_config(config, 'ect')) == 'l2_norm'
+
+
+def test_the_fd_figure_is_a_png_with_log_ticks(tmp_path):
+  from PIL import Image
+  from benchmarks import fd_vs_time
+  assert fd_vs_time._log_ticks(3.0, 1200.0) == [5, 10, 20, 50, 100, 200, 500, 1000]
+  assert fd_vs_time._nice_ticks(0.0, 9.7) == [0, 2, 4, 6, 8]
+  result = {'train': {'edm': {'step': {'median_s': 0.15}}, 'ect': {'step': {'median_s': 0.16}}}}
+  assert fd_vs_time.step_seconds(result, 'ect') == 0.16
+  assert fd_vs_time.step_seconds(result, 'ect', {'ect': 'edm'}) == 0.15  # --step_time_of=ect=edm.
+  with pytest.raises(KeyError, match="no 'cd' step"):
+    fd_vs_time.step_seconds(result, 'cd')
+  curves = [{'label': 'ECT 1-step', 'colour': (0, 0, 0), 'dashed': False,
+             'points': [(6.2, 900.0), (7.0, 12.0), (9.0, 7.5)]},
+            {'label': 'ECT 2-step', 'colour': (0, 0, 0), 'dashed': True,
+             'points': [(6.2, 60.0), (9.0, 5.1)]}]
+  path = str(tmp_path / 'fig.png')
+  fd_vs_time.draw_figure(curves, path, 'title', 'minutes', [(6.2, 'teacher trained')])
+  with Image.open(path) as image:
+    assert image.format == 'PNG' and image.size == (1100, 700)
+
+
+def test_the_fd_figure_draws_the_runs_that_exist(tmp_path):
+  """A figure of whatever runs exist: folders without a run or without checkpoints are named, not
+  drawn (no run is scored here: that needs the digits metric)."""
+  import numpy as np
+  from benchmarks import fd_vs_time
+  from cm_jax import checkpointing, config_utils
+  from configs import digits_ect
+  runs = {name: str(tmp_path / name) for name in ('cd', 'ict', 'ect')}
+  for name in ('ict', 'ect'):
+    os.makedirs(runs[name])
+    config_utils.save_config(digits_ect.get_config(), runs[name])
+  ckpt = checkpointing.Checkpointer(os.path.join(runs['ect'], 'checkpoints'), async_save=False)
+  ckpt.save(250, {'params': {'w': np.zeros(2, np.float32)}}, {'step': 250})
+  ckpt.close()
+  found, missing = fd_vs_time.existing_runs([('CD', runs['cd']), ('iCT', runs['ict']),
+                                             ('ECT', runs['ect'])])
+  assert found == [('ECT', runs['ect'])]
+  assert [(label, why.split(' ', 1)[1]) for label, why in missing] == [
+      ('CD', 'holds no run'), ('iCT', 'has no checkpoint')]

@@ -160,9 +160,9 @@ def test_run_killed_mid_save_resumes_from_the_previous_good_step(baseline, tmp_p
 @pytest.mark.slow
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(tmp_path, digits_data_dir):
   workdir, out = str(tmp_path / 'run'), str(tmp_path / 'out.json')
-  proc = _start_worker(digits_data_dir, workdir, out, steps=100_000, checkpoint_every=100_000)
+  proc = _start_worker(digits_data_dir, workdir, out, steps=100_000, checkpoint_every=5)
   deadline = time.time() + 300
-  # Orbax saves the first step of a fresh run: then the loop is running.
+  # A first checkpoint (step 5): then the loop is running.
   while proc.poll() is None and not finalized_steps(workdir) and time.time() < deadline:
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)

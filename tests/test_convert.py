@@ -69,7 +69,7 @@ CASES = {
     'cm_lsun256_tiny': (
         lambda: _config('ct', noise_cond_scale=1000.0, num_classes=0, use_scale_shift_norm=False,
                         attn_resolutions=(8, 4), **_ADM), 'cm_lsun256_tiny.pt', ('D', 'f')),
-    'edm_ncsnpp_tiny': (  # tests/tiny.py's digits model.
+    'edm_ncsnpp_tiny': (  # A digits NCSN++ with two levels and attention at 4x4.
         lambda: _config('edm', num_channels=1, **dict(_NCSNPP, nf=8, ch_mult=(1, 2), dropout=0.13)),
         'edm_ncsnpp_tiny.pkl', ('D',)),
     'edm_ddpmpp_cond_tiny': (
@@ -275,13 +275,18 @@ def test_qkv_layouts_are_permutations_of_each_other():
 # A converted EDM network as the teacher of a CD run, end to end.
 
 
+def _fixture_arch(config):
+  """edm_ncsnpp_tiny.pkl holds tests/tiny.py's network as it was when the fixture was written: two
+  levels with attention at 4x4 (tiny.py now has one level and no attention)."""
+  config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
+  return config
+
+
 def test_cd_distils_a_converted_edm_teacher(tmp_path, digits_data_dir):
-  """The fixture is tests/tiny.py's digits NCSN++, so this CD run is test_cd_ct_runs.py's (whose
-  compiled step the session's compilation cache then holds)."""
   teacher_dir = str(tmp_path / 'teacher')
-  convert.convert(tiny.edm_config(digits_data_dir), _fixture('edm_ncsnpp_tiny.pkl'), teacher_dir,
-                  log=lambda line: None)
-  config = tiny.cd_config(digits_data_dir, teacher_dir, steps=3)
+  convert.convert(_fixture_arch(tiny.edm_config(digits_data_dir)), _fixture('edm_ncsnpp_tiny.pkl'),
+                  teacher_dir, log=lambda line: None)
+  config = _fixture_arch(tiny.cd_config(digits_data_dir, teacher_dir, steps=3))
   out = tiny.train(config, str(tmp_path / 'cd'))  # cm_jax.modes.train.run, without final samples.
   assert out.step == 3 and len(out.losses) == 3
   assert all(np.isfinite(loss) and loss > 0 for _, loss in out.losses)
@@ -293,12 +298,11 @@ def test_cd_distils_a_converted_edm_teacher(tmp_path, digits_data_dir):
 
 
 def test_a_converted_run_resumes_training(tmp_path, digits_data_dir):
-  """Written at step 1 of 2, `--mode=train` resumes it: its optimizer state and EMA copies restore.
-  (tests/tiny.py's EDM run, as test_cd_ct_runs.py's teacher: the compiled step is shared.)"""
-  config = tiny.edm_config(digits_data_dir, steps=2)
+  """Written at step 1 of 2, `--mode=train` resumes it: its optimizer state and EMA copies restore."""
+  config = _fixture_arch(tiny.edm_config(digits_data_dir, steps=2))
   convert.convert(config, _fixture('edm_ncsnpp_tiny.pkl'), str(tmp_path / 'run'), step=1,
                   log=lambda line: None)
-  out = tiny.train(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path / 'run'))
+  out = tiny.train(_fixture_arch(tiny.edm_config(digits_data_dir, steps=2)), str(tmp_path / 'run'))
   assert out.step == 2 and [step for step, _ in out.losses] == [1]
   assert np.isfinite(out.losses[0][1])
 

@@ -14,7 +14,7 @@ LAYERS = (
     ('base', ('errors', 'files')),
     ('maths', ('karras', 'trigflow', 'consistency', 'sampling', 'editing', 'models', 'networks')),
     ('runtime', ('config_utils', 'sharding', 'checkpointing', 'data', 'datasets', 'outputs', 'teacher',
-                 'evaluation')),
+                 'evaluation', 'rundir')),
     ('methods', ('methods',)),
     ('experiment', ('experiment', 'trainer', 'inference')),
     ('evaluators', ('evaluators', 'edit_tasks', 'convert')),

@@ -151,7 +151,6 @@ def test_learning_rate_schedules_at_known_steps():
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   config = tiny.edm_config(str(tmp_path / 'empty'))
   config.data.name, config.data.image_size, config.data.num_channels = 'cifar10', 32, 3
-  config.model.attn_resolutions = (16,)
   with pytest.raises(DatasetNotFoundError, match='download_and_prepare'):
     tiny.train(config, str(tmp_path / 'run'))
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')

@@ -266,9 +266,8 @@ def _check_filters(path: str, tensors: dict, fir_kernel) -> list[str]:
   return names
 
 
-def read(path: str, config, network: common.Build) -> common.Converted:
-  """The snapshot's EMA network in our layout, after checking it against the config's network."""
-  snapshot, precond = load_snapshot(path)
+def _check_precond(path: str, precond) -> None:
+  """Refuse what is not an EDMPrecond around a network (other preconditionings, EDM2 files)."""
   if precond.class_name in _REFUSED_PRECONDS:
     raise ConversionError(f'{path} wraps its network in {precond.class_name}: '
                           f'{_REFUSED_PRECONDS[precond.class_name]}, not EDM\'s. cm_jax converts '
@@ -277,6 +276,93 @@ def read(path: str, config, network: common.Build) -> common.Converted:
     raise ConversionError(f'{path} is an NVlabs/edm2 network: convert it with --source_format=edm2.')
   if precond.class_name != 'EDMPrecond' or 'model' not in precond.modules:
     raise ConversionError(f'{path}: its "ema" network is a {precond.class_name}, not an EDMPrecond.')
+
+
+def _songunet(path: str, config, model, network: common.Build, tensors: dict,
+              common_fields: dict) -> tuple:
+  """(kwargs, rules, checked filter names, description) of a SongUNet checked against the config."""
+  kw = _kwargs(model, _SONGUNET_DEFAULTS)
+  noise_mult = {'fourier': 2, 'positional': 1}[kw['embedding_type']]
+  problems = []
+  if kw['encoder_type'] not in ('standard', 'residual') or kw['decoder_type'] != 'standard':
+    problems.append(f'encoder_type={kw["encoder_type"]!r}, decoder_type={kw["decoder_type"]!r} '
+                    "(only the 'standard'/'residual' encoders and the 'standard' decoder of the "
+                    'released DDPM++ and NCSN++ are supported)')
+  if kw['channel_mult_noise'] != noise_mult:
+    problems.append(f'channel_mult_noise={kw["channel_mult_noise"]} with {kw["embedding_type"]} '
+                    f'features (cm_jax\'s NCSN++ has {noise_mult})')
+  if kw['channel_mult_emb'] != 4:
+    problems.append(f'channel_mult_emb={kw["channel_mult_emb"]} (cm_jax\'s NCSN++ has 4)')
+  if problems:
+    raise ConversionError(f'{path}: a SongUNet that cm_jax\'s NCSN++ cannot express: '
+                          f'{"; ".join(problems)}.')
+  label_dim = int(kw['label_dim'])
+  expected = {
+      'model.name': common.one_of('songunet') if label_dim else common.one_of('ncsnpp', 'songunet'),
+      'model.nf': int(kw['model_channels']),
+      'model.ch_mult': tuple(int(m) for m in kw['channel_mult']),
+      'model.num_res_blocks': int(kw['num_blocks']),
+      'model.attn_resolutions': set_equal(kw['attn_resolutions']),
+      'model.resblock_type': 'biggan',
+      'model.fir': True,
+      'model.fir_kernel': common.proportional(kw['resample_filter']),
+      'model.skip_rescale': True,
+      'model.progressive': 'none',
+      'model.progressive_input': {'standard': 'none', 'residual': 'residual'}[kw['encoder_type']],
+      'model.embedding_type': kw['embedding_type'],
+      'model.conv_size': 3,
+      'model.num_classes': label_dim,
+      **common_fields,
+  }
+  what = (f'an EDM SongUNet ({"DDPM++" if kw["embedding_type"] == "positional" else "NCSN++"}: '
+          f'{kw["embedding_type"]} features, {kw["encoder_type"]} encoder, resample_filter '
+          f'{list(kw["resample_filter"])}{f", {label_dim} classes" if label_dim else ""})')
+  common.check_fields(config, expected, path, what)
+  abstract, _ = network()
+  rules = songunet_rules(abstract, model, label_dim)
+  return kw, abstract, rules, _check_filters(path, tensors, config.model.fir_kernel), what
+
+
+def _dhariwalunet(path: str, config, model, network: common.Build, tensors: dict,
+                  common_fields: dict, resolution: int) -> tuple:
+  """(kwargs, rules, checked filter names, description) of a DhariwalUNet checked against the
+  config."""
+  kw = _kwargs(model, _DHARIWALUNET_DEFAULTS)
+  if kw['channel_mult_emb'] != 4:
+    raise ConversionError(f'{path}: a DhariwalUNet with channel_mult_emb={kw["channel_mult_emb"]}; '
+                          'cm_jax\'s ADM has a 4 x nf embedding.')
+  nf, mults = int(kw['model_channels']), [int(m) for m in kw['channel_mult']]
+  label_dim = int(kw['label_dim'])
+  widths = {nf * m for m in mults}
+  resolutions = [resolution >> i for i in range(len(mults))]
+  attended = {nf * m for m, r in zip(mults, resolutions) if r in kw['attn_resolutions']}
+  attended.add(nf * mults[-1])
+  as_adm = (min(a + b for a in widths for b in widths | {0}) >= 128
+            and all(w % 64 == 0 for w in attended))
+  expected = {
+      'model.name': common.one_of('dhariwalunet', 'adm') if as_adm else common.one_of('dhariwalunet'),
+      'model.nf': nf,
+      'model.ch_mult': tuple(mults),
+      'model.num_res_blocks': int(kw['num_blocks']),
+      'model.attn_resolutions': set_equal(kw['attn_resolutions']),
+      'model.num_head_channels': 64,
+      'model.use_scale_shift_norm': True,
+      'model.resblock_updown': True,
+      'model.num_classes': label_dim,
+      **common_fields,
+  }
+  what = f'an EDM DhariwalUNet (ADM{f", {label_dim} classes" if label_dim else ""})'
+  common.check_fields(config, expected, path, what)
+  abstract, adm_network = network()
+  rules = dhariwalunet_rules(abstract, model, adm_network)
+  # DhariwalUNet resamples with [1, 1].
+  return kw, abstract, rules, _check_filters(path, tensors, (1, 1)), what
+
+
+def read(path: str, config, network: common.Build) -> common.Converted:
+  """The snapshot's EMA network in our layout, after checking it against the config's network."""
+  snapshot, precond = load_snapshot(path)
+  _check_precond(path, precond)
   pre = _kwargs(precond, _PRECOND_DEFAULTS)
   model = precond.modules['model']
   kind = model.class_name
@@ -287,84 +373,16 @@ def read(path: str, config, network: common.Build) -> common.Converted:
       'data.image_size': int(pre['img_resolution']),
       'data.num_channels': int(pre['img_channels']),
   }
-  ignored = {}
-  notes = []
   if kind == 'SongUNet':
-    kw = _kwargs(model, _SONGUNET_DEFAULTS)
-    noise_mult = {'fourier': 2, 'positional': 1}[kw['embedding_type']]
-    problems = []
-    if kw['encoder_type'] not in ('standard', 'residual') or kw['decoder_type'] != 'standard':
-      problems.append(f'encoder_type={kw["encoder_type"]!r}, decoder_type={kw["decoder_type"]!r} '
-                      "(only the 'standard'/'residual' encoders and the 'standard' decoder of the "
-                      'released DDPM++ and NCSN++ are supported)')
-    if kw['channel_mult_noise'] != noise_mult:
-      problems.append(f'channel_mult_noise={kw["channel_mult_noise"]} with {kw["embedding_type"]} '
-                      f'features (cm_jax\'s NCSN++ has {noise_mult})')
-    if kw['channel_mult_emb'] != 4:
-      problems.append(f'channel_mult_emb={kw["channel_mult_emb"]} (cm_jax\'s NCSN++ has 4)')
-    if problems:
-      raise ConversionError(f'{path}: a SongUNet that cm_jax\'s NCSN++ cannot express: '
-                            f'{"; ".join(problems)}.')
-    label_dim = int(kw['label_dim'])
-    expected = {
-        'model.name': common.one_of('songunet') if label_dim else common.one_of('ncsnpp', 'songunet'),
-        'model.nf': int(kw['model_channels']),
-        'model.ch_mult': tuple(int(m) for m in kw['channel_mult']),
-        'model.num_res_blocks': int(kw['num_blocks']),
-        'model.attn_resolutions': set_equal(kw['attn_resolutions']),
-        'model.resblock_type': 'biggan',
-        'model.fir': True,
-        'model.fir_kernel': common.proportional(kw['resample_filter']),
-        'model.skip_rescale': True,
-        'model.progressive': 'none',
-        'model.progressive_input': {'standard': 'none', 'residual': 'residual'}[kw['encoder_type']],
-        'model.embedding_type': kw['embedding_type'],
-        'model.conv_size': 3,
-        'model.num_classes': label_dim,
-        **common_fields,
-    }
-    what = (f'an EDM SongUNet ({"DDPM++" if kw["embedding_type"] == "positional" else "NCSN++"}: '
-            f'{kw["embedding_type"]} features, {kw["encoder_type"]} encoder, resample_filter '
-            f'{list(kw["resample_filter"])}{f", {label_dim} classes" if label_dim else ""})')
-    common.check_fields(config, expected, path, what)
-    abstract, _ = network()
-    rules = songunet_rules(abstract, model, label_dim)
-    filters = _check_filters(path, tensors, config.model.fir_kernel)
+    kw, abstract, rules, filters, what = _songunet(path, config, model, network, tensors,
+                                                   common_fields)
   elif kind == 'DhariwalUNet':
-    kw = _kwargs(model, _DHARIWALUNET_DEFAULTS)
-    if kw['channel_mult_emb'] != 4:
-      raise ConversionError(f'{path}: a DhariwalUNet with channel_mult_emb={kw["channel_mult_emb"]}; '
-                            'cm_jax\'s ADM has a 4 x nf embedding.')
-    nf, mults = int(kw['model_channels']), [int(m) for m in kw['channel_mult']]
-    label_dim = int(kw['label_dim'])
-    widths = {nf * m for m in mults}
-    resolutions = [int(pre['img_resolution']) >> i for i in range(len(mults))]
-    attended = {nf * m for m, r in zip(mults, resolutions) if r in kw['attn_resolutions']}
-    attended.add(nf * mults[-1])
-    as_adm = (min(a + b for a in widths for b in widths | {0}) >= 128
-              and all(w % 64 == 0 for w in attended))
-    expected = {
-        'model.name': common.one_of('dhariwalunet', 'adm') if as_adm else common.one_of('dhariwalunet'),
-        'model.nf': nf,
-        'model.ch_mult': tuple(mults),
-        'model.num_res_blocks': int(kw['num_blocks']),
-        'model.attn_resolutions': set_equal(kw['attn_resolutions']),
-        'model.num_head_channels': 64,
-        'model.use_scale_shift_norm': True,
-        'model.resblock_updown': True,
-        'model.num_classes': label_dim,
-        **common_fields,
-    }
-    what = f'an EDM DhariwalUNet (ADM{f", {label_dim} classes" if label_dim else ""})'
-    common.check_fields(config, expected, path, what)
-    abstract, adm_network = network()
-    rules = dhariwalunet_rules(abstract, model, adm_network)
-    filters = _check_filters(path, tensors, (1, 1))  # DhariwalUNet resamples with [1, 1].
+    kw, abstract, rules, filters, what = _dhariwalunet(path, config, model, network, tensors,
+                                                       common_fields, int(pre['img_resolution']))
   else:
     raise ConversionError(f'{path}: an EDMPrecond around a {kind}; cm_jax converts SongUNet and '
                           'DhariwalUNet networks.')
-  for name in filters:
-    ignored[name] = 'resampling filter (checked)'
+  ignored = {name: 'resampling filter (checked)' for name in filters}
   for name in tensors:
     if name.startswith('model.map_augment.'):
       ignored[name] = 'augmentation-label embedding, unused when sampling'
@@ -383,12 +401,20 @@ def read(path: str, config, network: common.Build) -> common.Converted:
       f'params, every EMA copy (training.ema_decays={tuple(config.training.ema_decays)}) and any '
       'target network.',
   ]
+  return common.Converted(params, None, None, report + _notes(config, kind, pre, kw, ignored,
+                                                              filters))
+
+
+def _notes(config, kind: str, pre: dict, kw: dict, ignored: dict, filters: list[str]) -> list[str]:
+  """The report's lines on what was skipped, checked, and differs from the config."""
+  report = []
   skipped = [n for n, why in ignored.items() if why != 'resampling filter (checked)']
   if skipped:
     report.append(f'Skipped: {common.describe(skipped)} ({ignored[skipped[0]]}).')
   if filters:
     report.append(f'Checked: {len(filters)} resampling filters equal outer(k, k) / sum(k)^2 of '
                   f'k = {tuple(config.model.fir_kernel) if kind == "SongUNet" else (1, 1)}.')
+  notes = []
   if pre.get('use_fp16'):
     notes.append('the network ran in float16 in EDM; here in config.model.dtype='
                  f'{config.model.dtype!r}')
@@ -397,5 +423,4 @@ def read(path: str, config, network: common.Build) -> common.Converted:
                  f'{config.model.dropout} (no effect when sampling)')
   if config.method != 'edm':
     notes.append(f'an EDM network converts into an EDM run, but config.method={config.method!r}')
-  report += [f'Note: {n}.' for n in notes]
-  return common.Converted(params, None, None, report)
+  return report + [f'Note: {n}.' for n in notes]

@@ -9,13 +9,14 @@ from cm_jax.errors import choose
 from cm_jax.methods.base import OWN_PARAMS, TEACHER, InitialWeights, Method, Resources, Sampler
 from cm_jax.methods.cd import CD
 from cm_jax.methods.ct import CT
+from cm_jax.methods.ect import ECT
 from cm_jax.methods.edm import EDM
 from cm_jax.methods.scm import SCD, SCT
 
 __all__ = ['OWN_PARAMS', 'TEACHER', 'InitialWeights', 'Method', 'Resources', 'Sampler', 'get', 'names',
            'register']
 
-_REGISTERED: dict[str, type[Method]] = {cls.name: cls for cls in (EDM, CD, CT, SCD, SCT)}
+_REGISTERED: dict[str, type[Method]] = {cls.name: cls for cls in (EDM, CD, CT, ECT, SCD, SCT)}
 
 
 def register(cls: type[Method]) -> type[Method]:

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import time
+import zipfile
 from typing import Any
 
 import jax
@@ -25,14 +26,12 @@ import ml_collections
 import numpy as np
 from clu import metric_writers
 
-from cm_jax import config_utils, files, inference, networks, outputs
-from cm_jax.errors import ConfigError, WorkdirError
+from cm_jax import config_utils, files, inference, outputs
+from cm_jax.errors import ConfigError
 from cm_jax.evaluators import image_metrics
 
 # A samples directory written by the train, sample or eval mode: <sampler>_nfe<k>.
 _SAMPLES_DIR_RE = re.compile(r'^(?P<sampler>[a-z_]+)_nfe(?P<nfe>\d+)$')
-# What must match between the config and the run it evaluates.
-_RUN_FIELDS = ('method', 'model', 'noise', 'data.name', 'data.image_size', 'data.num_channels')
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, samples_path: str = '') -> dict:
@@ -63,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, samples_path: str = '')
     image_metrics.check_eval_config(config, images.shape[0])
   else:
     image_metrics.check_eval_config(config)
-    check_run_matches(config, workdir)
+    inference.check_run_matches(config, workdir)  # Before the scorer loads anything.
   scorer = image_metrics.scorer(config, workdir)  # Missing Inception weights fail here.
   if samples_path:
     name, sampler, nfe = name_of_npz(samples_path)
@@ -94,22 +93,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, samples_path: str = '')
   return results
 
 
-def eval_samplers(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The sampler names asked for ('' stays '': the method's default)."""
-  if isinstance(config.eval.samplers, str):
-    raise ConfigError(f'eval.samplers={config.eval.samplers!r} must be a tuple, e.g. '
-                      "--config.eval.samplers=\"('onestep', 'multistep')\".")
-  # 'a,b' (what --config.eval.samplers=a,b gives) is read as two names.
-  names = tuple(n.strip() for name in config.eval.samplers for n in name.split(','))
-  return names or (config.sampling.sampler,)
-
-
 def _samplers(restored: inference.RestoredRun, config) -> list:
   """(name, Sampler) of each sampler asked for, every one checked before anything samples."""
   method = restored.exp.method
   field = 'eval.samplers' if config.eval.samplers else 'sampling.sampler'
   chosen = [(name or method.default_sampler, method.sampler(name, field))
-            for name in eval_samplers(config)]
+            for name in config_utils.eval_samplers(config)]
   for _, sampler in chosen:
     restored.params(sampler.params)  # A teacher that cannot be loaded fails before any sampling.
   return chosen
@@ -130,24 +119,16 @@ def _generate(restored: inference.RestoredRun, name: str, sampler, num: int
   return images, path
 
 
-def check_run_matches(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """The config must describe the network the workdir holds (restoring would fail less clearly)."""
-  saved = config_utils.read_saved_config(workdir)
-  if saved is None:
-    return
-  ignore = tuple(f'model.{name}' for name in networks.RUNTIME_FIELDS)
-  diffs = config_utils.config_differences(saved, config, ignore=ignore, only=_RUN_FIELDS)
-  if diffs:
-    listed = '; '.join(f'{k}: {a!r} in the workdir, {b!r} now' for k, (a, b) in diffs.items())
-    raise WorkdirError(f'{workdir} holds a run of another model ({listed}). Evaluate it with the '
-                       'config (and overrides) it was trained with.')
-
-
 def read_samples(path: str, config: ml_collections.ConfigDict) -> np.ndarray:
   """The uint8 NHWC images (`arr_0`) of a samples npz, checked against the config's image shape."""
   if not os.path.isfile(path):
     raise ConfigError(f'--eval_samples={path} does not exist; pass a samples npz written by '
                       '--mode=sample or --mode=eval (samples_NxHxWxC.npz), or leave it empty to sample.')
+  if not zipfile.is_zipfile(path):
+    # np.load would read other files as pickles and advise loading them unsafely.
+    raise ConfigError(f'--eval_samples={path} is not an npz file (a zip of arrays): pass a samples '
+                      'npz written by --mode=sample or --mode=eval (samples_NxHxWxC.npz, arr_0 uint8 '
+                      'NHWC).')
   try:
     with np.load(path, allow_pickle=False) as arrays:
       if 'arr_0' not in arrays.files:

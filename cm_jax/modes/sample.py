@@ -51,10 +51,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if searching and s.sampler not in ('', 'multistep'):
     raise ConfigError(f'sampling.search_steps={s.search_steps} searches the time points of the '
                       f"'multistep' sampler, not of sampling.sampler={s.sampler!r}.")
+  # First: a run of another model (or none) fails in seconds, before the metric's set-up.
+  restored = inference.restore(config, workdir)
   scorer = image_metrics.training_scorer(config)
   if searching:  # Fails now, not after the samples, if the metric cannot be used.
     score = time_search.search_score_fn(config, scorer or image_metrics.scorer(config, workdir))
-  restored = inference.restore(config, workdir)
   exp = restored.exp
   extra = {'step': restored.step}
   if searching:
