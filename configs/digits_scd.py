@@ -8,6 +8,11 @@ missing, or reused) read as a TrigFlow model, the student starting from its EMA,
 stabiliser on. The teacher's network is kept as it is (EDM's c_noise = ln(sigma) / 4 with Fourier
 features of scale 16), since the student starts from its weights; the paper's network changes
 (configs/digits_sct.py) would need a TrigFlow teacher.
+
+2350 steps: the CPU time of the main job's 2000 CD steps (configs/digits_cd.py), at the sCD step's
+0.85 of a CD step's CPU seconds (benchmarks/results/digits_scm_b128_cpu.json). That conditioning
+makes the student's time derivative large where 1-step sampling starts (README, "sCT and sCD on
+digits"), and this run stays far behind CD.
 """
 
 from configs import default, digits_edm
@@ -28,7 +33,7 @@ def get_config():
   t.optimizer = 'radam'
   t.b2 = 0.99
   t.batch_size = 128
-  t.num_steps = 2000
+  t.num_steps = 2350
   t.lr = 2e-4
   t.lr_decay = 'cosine'
   t.ema_decays = (0.999,)

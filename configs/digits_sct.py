@@ -6,9 +6,11 @@ scratch.
 The digits network of configs/digits_edm.py with the paper's network changes (TrigFlow time
 conditioning c_noise = t, positional time embedding, adaptive double normalisation) and every sCM
 stabiliser on (tangent warm-up, tangent normalisation, adaptive weighting). No teacher: the tangent
-warm-up starts it as a TrigFlow diffusion model (at r = 0 the loss is velocity matching). Shortened
-to the wall budget of the other digits configs on 2 CPU cores; what differs from the paper's CIFAR-10
-sCT is listed in the README.
+warm-up starts it as a TrigFlow diffusion model (at r = 0 the loss is velocity matching). What
+differs from the paper's CIFAR-10 sCT is listed in the README.
+
+2800 steps: the CPU time of the main job's 2000 CD steps (configs/digits_cd.py), at the sCT step's
+0.71 of a CD step's CPU seconds (benchmarks/results/digits_scm_b128_cpu.json).
 """
 
 from configs import default, digits_edm
@@ -29,7 +31,7 @@ def get_config():
   t.optimizer = 'radam'
   t.b2 = 0.99
   t.batch_size = 128
-  t.num_steps = 3000
+  t.num_steps = 2800
   t.lr = 1e-3
   t.warmup_steps = 100
   t.lr_decay = 'cosine'

@@ -4,9 +4,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import run as bench
+from cm_jax import checkpointing, trainer
 from configs import cifar10_cd, digits_cd, digits_edm
 
 TRAIN_FIELDS = ('compile_s', 'lower_s', 'step', 'images_per_s', 'flops_per_step', 'flops_per_image',
@@ -91,6 +93,29 @@ def test_method_variants_keep_the_network_and_swap_the_objective():
     ('TPU v5p', 'bfloat16', 459e12), ('cpu', 'float32', None)])
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert bench.peak_flops_per_device(kind, dtype) == peak
+
+
+def test_the_jvp_of_an_scm_step_costs_one_forward():
+  """sCT's step is EDM's forward and backward plus the JVP's tangent pass (its primal is the forward
+  that carries the gradient), sCD's one teacher forward more: XLA's FLOP count of the lowered steps,
+  on abstract weights (nothing is compiled). A separate forward and JVP would add two forwards."""
+  config = tiny_digits_cd()
+  base = bench.build(config, 8)
+  params = checkpointing.with_shardings(base.abstract_state.params, base.state_shardings.params)
+  forward = bench.forward_flops(base, params, 8)
+  batch = bench.synthetic_batch(base, 8, 0)
+  forwards = {}
+  for label in ('edm', 'sct', 'scd'):
+    exp = bench.build(bench.method_config(config, label), 8)
+    exp.resources.provide(teacher_params=params)
+    frozen = exp.load_frozen()
+    state = jax.eval_shape(lambda p, exp=exp: exp.init_state_fn(p)(jax.random.PRNGKey(0)), params)
+    step = trainer.make_train_step(exp, trainer.frozen_shardings_of(frozen))
+    lowered = step.lower(state, frozen, batch, jax.ShapeDtypeStruct((), jnp.int32))
+    forwards[label] = bench.xla_flops(lowered) / forward
+  assert 2.8 < forwards['edm'] < 3.2, forwards
+  assert 0.8 < forwards['sct'] - forwards['edm'] < 1.2, forwards
+  assert 0.8 < forwards['scd'] - forwards['sct'] < 1.2, forwards
 
 
 def test_an_ect_step_costs_what_a_ct_step_costs():
