@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # Lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = (
-    ('base', ('errors', 'files')),
+    ('base', ('errors', 'files', 'phases')),
     ('maths', ('karras', 'trigflow', 'consistency', 'sampling', 'editing', 'models', 'networks')),
     ('runtime', ('config_utils', 'sharding', 'checkpointing', 'data', 'datasets', 'outputs', 'teacher',
                  'evaluation', 'rundir')),
