@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from clu import metric_writers, periodic_actions
 
-from cm_jax import checkpointing, data, sharding
+from cm_jax import checkpointing, data, phases, sharding
 from cm_jax.errors import NonFiniteLossError
 from cm_jax.experiment import Experiment, TrainState, trainable, untrainable
 
@@ -179,19 +179,25 @@ def train(exp: Experiment, frozen: dict, writer: metric_writers.MetricWriter,
   ckpt = checkpointing.Checkpointer(os.path.join(exp.workdir, 'checkpoints'),
                                     training.checkpoint_every, training.keep_checkpoints)
   try:
-    state, start_step = restore_or_init(exp, ckpt)
+    with phases.phase('state restore or init'):
+      state, start_step = restore_or_init(exp, ckpt)
     if on_state_ready is not None:
       on_state_ready()
     # A finished run (relaunched for its final samples) compiles no step.
-    train_step = (compile_train_step(exp, state, frozen)
-                  if start_step < training.num_steps else None)
+    train_step = None
+    if start_step < training.num_steps:
+      with phases.phase('train step compile'):
+        train_step = compile_train_step(exp, state, frozen)
     report = periodic_actions.ReportProgress(num_train_steps=training.num_steps, writer=writer,
                                              every_steps=training.log_every)
     logging.info('%s run: steps %d -> %d, global batch %d on %d devices (%s).', config.method,
                  start_step, training.num_steps, training.batch_size, jax.device_count(),
                  dict(exp.mesh.shape))
-    with ckpt.watch_sigterm():
-      return _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, report, hooks, start_step)
+    with ckpt.watch_sigterm(), phases.phase('training loop') as loop:
+      result = _loop(exp, state, frozen, train_step, pipeline, ckpt, writer, report, hooks,
+                     start_step)
+      loop.steps = result.step - start_step
+      return result
   finally:
     try:
       ckpt.close()  # Finishes an async save even when the loop raised: no checkpoint is lost.

@@ -1,5 +1,6 @@
 """CD and CT runs end to end on tiny models: teacher handling, target network, curriculum resume."""
 
+import json
 import os
 import textwrap
 
@@ -66,7 +67,16 @@ def test_cd_starts_from_teacher_never_changes_it_and_tracks_target(tmp_path, dig
   assert out.samples['teacher_heun']['nfe'] == 5
 
 
-def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir):
+# The phases of a train-mode call, in the order they first start (cm_jax.phases).
+_RUN_PHASES = ('state restore or init', 'train step compile', 'training loop', 'metric setup')
+
+
+def _phases_of(workdir) -> dict:
+  with open(workdir / 'phases.json') as f:
+    return json.load(f)
+
+
+def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir, capsys):
   teacher_config = tmp_path / 'teacher_config.py'
   teacher_config.write_text(textwrap.dedent(f'''
       from tests import tiny
@@ -82,12 +92,42 @@ def test_cd_trains_the_teacher_first_when_asked(tmp_path, digits_data_dir):
   assert os.path.isdir(workdir / 'teacher' / 'checkpoints' / '2')
   assert os.path.exists(workdir / 'teacher' / 'samples' / 'heun_nfe5' / 'samples_16x8x8x1.npz')
   assert os.path.isdir(workdir / 'checkpoints' / '1')
+  _check_phases_of_the_whole_job(workdir, capsys.readouterr().out)
   # A finished teacher is reused, not retrained: relaunching only extends the student.
   mtime = os.path.getmtime(workdir / 'teacher' / 'config.json')
   config.training.num_steps = 2
   train_mode.run(config, str(workdir))
   assert os.path.getmtime(workdir / 'teacher' / 'config.json') == mtime
   assert os.path.isdir(workdir / 'checkpoints' / '2')
+  # The relaunch's table holds only its own work: the teacher's phases are not carried over.
+  relaunch = _phases_of(workdir)
+  assert [p['name'] for p in relaunch['phases']] == [
+      'experiment build', 'dataset preparation', 'frozen inputs load', *_RUN_PHASES,
+      'onestep: sampling', 'onestep: metric', 'onestep: writing outputs']
+  assert {p['name']: p.get('steps') for p in relaunch['phases']}['training loop'] == 1
+  assert not relaunch['scopes']
+
+
+def _check_phases_of_the_whole_job(workdir, printed: str) -> None:
+  """One table for the job: the teacher's phases under `teacher:`, none of their own elsewhere."""
+  record = _phases_of(workdir)
+  teacher = ['experiment build', 'dataset preparation', 'frozen inputs load', *_RUN_PHASES,
+             'heun: sampling', 'heun: metric', 'heun: writing outputs']
+  assert [p['name'] for p in record['phases']] == [
+      'experiment build', 'dataset preparation', *[f'teacher: {name}' for name in teacher],
+      'frozen inputs load', *_RUN_PHASES, 'onestep: sampling', 'onestep: metric',
+      'onestep: writing outputs']
+  loops = {p['name']: p for p in record['phases'] if p['name'].endswith('training loop')}
+  assert loops['teacher: training loop']['steps'] == 2 and loops['training loop']['steps'] == 1
+  total, walls = record['total']['wall_s'], [p['wall_s'] for p in record['phases']]
+  assert min(walls) >= 0 and sum(walls) <= total
+  assert sum(walls) + record['other']['wall_s'] == pytest.approx(total)
+  [scope] = record['scopes']
+  teacher_rows = sum(p['wall_s'] for p in record['phases'] if p['name'].startswith('teacher: '))
+  assert scope['name'] == 'teacher' and teacher_rows <= scope['wall_s'] <= total
+  assert not os.path.exists(workdir / 'teacher' / 'phases.json')  # The teacher joined the job.
+  assert printed.count('Where the time went') == 1
+  assert '| teacher: training loop (2 steps' in printed
 
 
 def _ct_config(data_dir, steps):

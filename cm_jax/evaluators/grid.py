@@ -4,7 +4,7 @@ import os
 
 import jax
 
-from cm_jax import inference, outputs
+from cm_jax import inference, outputs, phases
 from cm_jax.experiment import Experiment
 
 
@@ -37,6 +37,6 @@ class GridEvaluator:
     """A training-loop hook (cm_jax.trainer.Hook) that writes grids every `every` steps."""
     def hook(state, step, report):
       if self.every and step % self.every == 0:
-        with report.timed('sample_grids'):
+        with report.timed('sample_grids'), phases.phase('sample grids'):
           self.run(inference.params_of_state(self.exp, state, frozen), step, writer)
     return hook

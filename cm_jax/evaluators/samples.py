@@ -4,7 +4,7 @@ one record in metrics.json and TensorBoard. Written when training ends and by --
 import logging
 import time
 
-from cm_jax import inference, methods, outputs
+from cm_jax import inference, methods, outputs, phases
 from cm_jax.experiment import Experiment
 
 
@@ -24,13 +24,20 @@ class SamplesEvaluator:
     s = config.sampling
     for name, sampler in samplers.items():
       start = time.time()
-      images, labels = inference.sample_images(self.exp, params_of, name, sampler, self.num_samples,
-                                               s.seed, min(s.batch_size, self.num_samples))
+      # Timed apart in the train mode's phase table; a sampler's first call also compiles it.
+      with phases.phase(f'{name}: sampling'):
+        images, labels = inference.sample_images(self.exp, params_of, name, sampler,
+                                                 self.num_samples, s.seed,
+                                                 min(s.batch_size, self.num_samples))
       logging.info('%d %s samples (NFE %d) in %.1f s.', images.shape[0], name, sampler.nfe,
                    time.time() - start)
-      scores = self.scorer(images) if self.scorer is not None else {}
-      results[name] = outputs.write_sample_outputs(
-          self.exp.workdir, name, sampler.nfe, images, labels, scores,
-          {**(extra or {}), **sampler.info}, config.training.num_grid_samples,
-          outputs.upscale_for(config.data.image_size), self.writer, step)
+      scores = {}
+      if self.scorer is not None:
+        with phases.phase(f'{name}: metric'):
+          scores = self.scorer(images)
+      with phases.phase(f'{name}: writing outputs'):
+        results[name] = outputs.write_sample_outputs(
+            self.exp.workdir, name, sampler.nfe, images, labels, scores,
+            {**(extra or {}), **sampler.info}, config.training.num_grid_samples,
+            outputs.upscale_for(config.data.image_size), self.writer, step)
     return results

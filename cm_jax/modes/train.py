@@ -21,8 +21,8 @@ import jax
 import ml_collections
 from clu import metric_writers
 
-from cm_jax import (config_utils, data, evaluators, experiment, inference, rundir, sharding,
-                    teacher, trainer)
+from cm_jax import (config_utils, data, evaluators, experiment, inference, phases, rundir,
+                    sharding, teacher, trainer)
 from cm_jax.errors import Preempted, TeacherError
 from cm_jax.evaluators import image_metrics
 
@@ -68,22 +68,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, load_lpips=None,
       checkpoint is saved); a preemption of this run's own training returns with `preempted` set.
   """
   workdir = os.path.abspath(workdir)
+  # The teacher's nested call joins the job its distillation opened: one table, at the very end.
+  with phases.job(workdir):
+    return _run(config, workdir, load_lpips, final_samples)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, load_lpips, final_samples: bool
+         ) -> TrainOutcome:
+  """`run`'s work, inside its job: each phase that can take long is timed by name."""
   # ---- Checks and the whole experiment, before any compilation or any write. ----
-  exp = experiment.build(config, workdir, load_lpips)
+  with phases.phase('experiment build'):
+    exp = experiment.build(config, workdir, load_lpips)
   # Only training reads batches of training.batch_size: sampling a run on another device count works.
   sharding.check_batch(config.training.batch_size, exp.mesh)
   final = _check_samplers(exp)
   # A dataset that is not prepared says how to prepare it before anything is written (the embedded
   # digits are built, and a folder dataset converted, here on first use).
-  data.prepared_builder(config.data)
+  with phases.phase('dataset preparation'):
+    data.prepared_builder(config.data)
   teacher_to_train = _teacher_to_train(config, workdir) if exp.method.uses_teacher() else None
   rundir.prepare(workdir)
   with rundir.locked(workdir):
     config_utils.check_workdir(config, workdir, exp.method.schedule_needs_num_steps())
     if teacher_to_train is not None:
-      _train_teacher(config, teacher_to_train)
+      with phases.scope('teacher'):
+        _train_teacher(config, teacher_to_train)
     grids = evaluators.create('grid', exp, every=config.training.sample_every)
-    frozen = exp.load_frozen()
+    with phases.phase('frozen inputs load'):
+      frozen = exp.load_frozen()
     experiment.log_parameter_overview(exp)
     return _train(exp, frozen, grids, final if final_samples else {})
 
@@ -104,7 +116,8 @@ def _train(exp: experiment.Experiment, frozen: dict, grids, final: dict) -> Trai
                            on_state_ready=record_config)
     samples = {}
     if final and not result.preempted:
-      scorer = image_metrics.training_scorer(config)
+      with phases.phase('metric setup'):  # The digits classifier: trained, or read from its cache.
+        scorer = image_metrics.training_scorer(config)
       samples = evaluators.create('samples', exp, config.sampling.num_samples, scorer, writer).run(
           inference.params_of_state(exp, result.state, frozen), final, result.step)
   finally:
