@@ -22,8 +22,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cm_jax import checkpointing, experiment, karras, trainer
+from cm_jax import checkpointing, consistency, experiment, karras, trainer
+from cm_jax.errors import ConfigError
 from cm_jax.evaluation import lpips
+from cm_jax.methods import consistency_model
 from cm_jax.models import Preconditioned
 from cm_jax.networks import get_network
 from configs import default, digits_edm
@@ -270,4 +272,8 @@ def test_lpips_in_bfloat16_is_off_for_close_images_hence_float32_by_default(lpip
   _, close, distance = lpips_pairs
   d32, d16 = distance(close, jnp.float32), distance(close, jnp.bfloat16)
   assert np.all(np.abs(d16 - d32) / d32 > 0.02), (d16, d32)
-  assert default.get_config().consistency.lpips_dtype == 'float32'
+  cons = default.get_config().consistency
+  assert cons.lpips_dtype == 'float32'
+  cons.distance, cons.lpips_dtype = 'lpips', 'float16'
+  with pytest.raises(ConfigError, match="consistency.lpips_dtype='float16' is not one of"):
+    consistency.make_distance(cons, (8, 8, 3), consistency_model.WEIGHTED_DISTANCES)
