@@ -70,12 +70,19 @@ def precondition(network_fn: Callable[[jax.Array, jax.Array], jax.Array], x: jax
                  sigma: jax.Array, scalings, noise_cond_scale: float,
                  c_noise: jax.Array | None = None) -> jax.Array:
   """c_skip x + c_out F(c_in x, c_noise) for per-example sigma [B]; c_noise defaults to EDM's
-  `noise_conditioning(sigma, noise_cond_scale)`."""
-  c_skip, c_out, c_in = scalings
+  `noise_conditioning(sigma, noise_cond_scale)`.
+
+  In float32 (at least) whatever the network computes in: a bfloat16 network's output is cast back
+  before c_skip x + c_out F, so its rounding enters D only through c_out F, and x, which is nearly
+  all of D at low sigma (c_skip -> 1, c_out -> 0), is never rounded to bfloat16.
+  """
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  x = x.astype(dtype)
+  c_skip, c_out, c_in = (jnp.asarray(c, dtype) for c in scalings)
   if c_noise is None:
     c_noise = noise_conditioning(sigma, noise_cond_scale)
   net_out = network_fn(bcast(c_in, x) * x, c_noise)
-  return bcast(c_skip, x) * x + bcast(c_out, x) * net_out.astype(x.dtype)
+  return bcast(c_skip, x) * x + bcast(c_out, x) * net_out.astype(dtype)
 
 
 def edm_loss_sigmas(rng: jax.Array, batch_size: int, p_mean: float, p_std: float) -> jax.Array:

@@ -64,11 +64,12 @@ class Preconditioned:
   def trigflow(self, params, x_t: jax.Array, t: jax.Array, labels=None, train: bool = False,
                rng=None) -> jax.Array:
     """TrigFlow's F(x_t / sd, c_noise(t)) (sCM eq. 3) of x_t at time t [B]: minus the network's output
-    (the sign of EDM's F), differentiable in x_t and t (jax.jvp)."""
+    (the sign of EDM's F), differentiable in x_t and t (jax.jvp). Float32 (at least) whatever the
+    network computes in, as `karras.precondition`."""
     m = self.noise
     c_noise = trigflow.c_noise_of_time(t, self.time_conditioning, m.sigma_data, m.noise_cond_scale)
     out = self._network_fn(params, labels, train, rng)(x_t / m.sigma_data, c_noise)
-    return -out.astype(x_t.dtype)
+    return -out.astype(jax.numpy.promote_types(x_t.dtype, jax.numpy.float32))
 
   def trigflow_consistency(self, params, x_t: jax.Array, t: jax.Array, labels=None) -> jax.Array:
     """f(x_t, t) = cos(t) x_t - sin(t) sd F (sCM eq. 5), in eval mode."""

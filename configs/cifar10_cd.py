@@ -10,7 +10,9 @@ LPIPS. LPIPS needs the converted weights (see README, evaluation).
 As openai/consistency_models_cifar10: the student's online weights start from the teacher's online
 weights and its EMA from the teacher's EMA (teacher.student_init); LPIPS max-pools and upsamples
 [-1, 1] images to 224. Kept different: the EDM teacher's loss averages over pixels where the
-reference sums (equivalent under Adam but for its eps; see configs/cifar10_edm.py).
+reference sums (equivalent under Adam but for its eps; see configs/cifar10_edm.py); the network
+computes in bfloat16 where the reference's does in float32 (default.paper_schedule; LPIPS stays
+float32, consistency.lpips_dtype).
 """
 
 from configs import cifar10_edm, default

@@ -10,7 +10,8 @@ mu0 = 0.9 (as the reference code computes it: mu(0) = 0.81, see consistency.ct_t
 The learning rate is the released config's (openai/consistency_models_cifar10,
 configs/cifar10_ve_ct_adaptive.py: 2e-4), which trained the released model; the paper's table says
 4e-4. Differences from that run: its released checkpoint is step 740k (ours runs to 800k; evaluate
-an earlier checkpoint to compare); the 2-step time point is ours (see sampling.ts below).
+an earlier checkpoint to compare); the 2-step time point is ours (see sampling.ts below); bfloat16
+compute where it ran float32 (default.paper_schedule; LPIPS stays float32).
 """
 
 from configs import cifar10_edm, default

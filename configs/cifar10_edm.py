@@ -12,7 +12,8 @@ dropout 0.13. Reference: EDM reports FID 2.04 at 35 NFE (Heun, 18 levels).
 Kept different from openai/consistency_models_cifar10's EDM run: its loss sums the weighted squared
 error over the 3072 pixel values where ours averages (EDM's own code's convention); the gradient
 differs by that constant factor, which Adam normalises away except through eps (1e-8, negligible at
-these gradient scales). Its EMA rate is 0.99929047 (ours 0.99929).
+these gradient scales). Its EMA rate is 0.99929047 (ours 0.99929). It computes in float32, this in
+bfloat16 with float32 state (default.paper_schedule; --config.model.dtype=float32 for the reference's).
 """
 
 from configs import default

@@ -14,7 +14,8 @@ stays 1; a factor 1000 there would make the features as sensitive as scale 20).
 
 Differences from the paper's run: no iCT code was released, so the recipe is the paper's text; the
 2-step time point is a sigma we chose (the search of `--mode=sample --config.sampling.search_steps=2`
-tunes it); bfloat16 is off (float32, as the reference's A100 runs in fp32/TF32).
+tunes it); bfloat16 compute (default.paper_schedule) where the paper's A100 runs were fp32/TF32
+(--config.model.dtype=float32 for that).
 """
 
 from configs import cifar10_edm, default

@@ -86,7 +86,12 @@ def get_config() -> ml_collections.ConfigDict:
   # use_scale_shift_norm's (1 + scale), shift. Off leaves every network as it was.
   model.adaptive_double_norm = False
   model.num_classes = 0  # 0: unconditional; >0: class-conditional with that many labels.
-  model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (params stay float32).
+  # Compute dtype, 'float32' or 'bfloat16': the mixed-precision policy of README "Benchmarks" (bf16
+  # convolutions and activations; params, optimizer state, EMA, target, noise embedding, norm
+  # statistics, preconditioning, network output and loss in float32). The paper-scale configs
+  # (CIFAR-10, ImageNet 64, LSUN 256, for GPUs and TPUs) set bfloat16 in `paper_schedule`; the digits
+  # configs, for CPUs (where bfloat16 is emulated and slower), keep float32.
+  model.dtype = 'float32'
 
   # Noise levels and the preconditioning around the network (DESIGN.md: EDM/Karras). The network
   # itself (config.model) knows nothing of them.
@@ -125,6 +130,13 @@ def get_config() -> ml_collections.ConfigDict:
   # LPIPS's pooling between VGG stages: 'max' (the lpips package, the CIFAR-10 reference) or 'avg'
   # (piq.LPIPS(replace_pooling=True), the ImageNet-64 and LSUN reference).
   cons.lpips_pooling = 'max'
+  # LPIPS's VGG trunk compute dtype, 'float32' or 'bfloat16' (its heads and the distance stay float32).
+  # float32 in every config: measured at 32x32 upsampled to 224 (random VGG weights, 4 pairs; max
+  # and avg pooling alike), bfloat16 moves the distance of independent images by 2-4e-4 relative, but
+  # that of close ones, as the consistency loss compares, by 6-11% at a 0.01 pixel perturbation and
+  # by 5-9x at 0.001 (tests/test_precision.py): the rounding of two nearly equal feature maps swamps
+  # their difference.
+  cons.lpips_dtype = 'float32'
 
   # Easy Consistency Tuning (Geng et al. 2024; cm_jax/methods/ect.py). Defaults: locuslab/ect's
   # CIFAR-10 run (run_ecm.sh, training/loss.py on its main branch).
@@ -297,9 +309,11 @@ def get_config() -> ml_collections.ConfigDict:
 
 def paper_schedule(config: ml_collections.ConfigDict, *, batch_size: int, num_steps: int,
                    optimizer: str, lr: float, ema_decays, final_samplers, warmup_steps: int = 0):
-  """The training block the paper-scale configs share (CIFAR-10, ImageNet 64): no gradient clipping,
-  logs every 100 steps, checkpoints and sample grids every 10k, and 50k samples (FID) in batches of
-  500. What differs between runs is an argument."""
+  """The training block the paper-scale configs share (CIFAR-10, ImageNet 64, LSUN 256): bfloat16
+  compute (they run on GPUs and TPUs; --config.model.dtype=float32 turns it off), no gradient
+  clipping, logs every 100 steps, checkpoints and sample grids every 10k, and 50k samples (FID) in
+  batches of 500. What differs between runs is an argument."""
+  config.model.dtype = 'bfloat16'
   t = config.training
   t.batch_size, t.num_steps, t.optimizer, t.lr = batch_size, num_steps, optimizer, lr
   t.warmup_steps = warmup_steps

@@ -54,7 +54,6 @@ def imagenet64_adm(config):
   # consistency_models always runs flash attention, whose QKV layout is guided-diffusion's new order.
   model.use_new_attention_order = True
   model.num_classes = 1000
-  model.dtype = 'bfloat16'  # The reference trains in fp16 (its embedding and output head in fp32).
   # The reference feeds ADM c_noise = 1000 ln(sigma) / 4, a diffusion-timestep-sized input.
   config.noise.noise_cond_scale = 1000.0
 

@@ -66,7 +66,6 @@ def lsun_adm(config) -> None:
   # consistency_models always runs flash attention, whose QKV layout is guided-diffusion's new order.
   model.use_new_attention_order = True
   model.num_classes = 0
-  model.dtype = 'bfloat16'  # The reference trains in fp16.
   config.noise.noise_cond_scale = 1000.0  # ADM receives c_noise = 1000 ln(sigma) / 4.
 
 

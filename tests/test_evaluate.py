@@ -34,6 +34,7 @@ def tiny_cifar10_config(tmp_path, inception_path: str):
   config.data.random_flip = False
   m = config.model
   m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 16, (1, 1), 1, (), 0.0
+  m.dtype = 'float32'  # The config's bfloat16 is for accelerators; a CPU emulates it.
   t = config.training
   t.batch_size, t.num_steps, t.warmup_steps = 2, 2, 0
   t.log_every, t.checkpoint_every, t.sample_every = 1, 2, 0

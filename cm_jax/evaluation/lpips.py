@@ -81,9 +81,16 @@ POOLINGS = {'max': nn.max_pool, 'avg': nn.avg_pool}
 
 
 class LPIPS(nn.Module):
-  """LPIPS-VGG16 distance of two NHWC batches in [-1, 1] (no resizing): [B]."""
+  """LPIPS-VGG16 distance of two NHWC batches in [-1, 1] (no resizing): [B].
+
+  `dtype` is the trunk's compute dtype (its convolutions, ReLUs and pools; parameters stay float32).
+  The scaling layer, the taps' channel normalisation, their difference, the linear heads and the
+  means run in float32 whatever it is: the distance of two close images is a difference of nearly
+  equal features, which bfloat16 would round before subtracting.
+  """
   precision: Any = None
   pooling: str = 'max'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -94,10 +101,11 @@ class LPIPS(nn.Module):
     h = (jnp.concatenate([x, y], axis=0).astype(jnp.float32) - shift) / scale
     taps = []
     for index, channels in VGG16_CONVS:
-      h = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)),
-                          precision=self.precision, name=f'features_{index}')(h))
+      h = nn.relu(nn.Conv(channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                          param_dtype=jnp.float32, precision=self.precision,
+                          name=f'features_{index}')(h))
       if index in _TAP_CONVS:
-        taps.append(h)
+        taps.append(h.astype(jnp.float32))
         if index != _TAP_CONVS[-1]:
           h = POOLINGS[self.pooling](h, (2, 2), (2, 2))
     distance = jnp.zeros((batch,), jnp.float32)
@@ -109,10 +117,15 @@ class LPIPS(nn.Module):
     return distance
 
 
+# The trunk's compute dtypes by name (consistency.lpips_dtype).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
 # jit so eager callers get one compiled call; inside a jitted loss it inlines.
-@functools.partial(jax.jit, static_argnames=('resize_to', 'precision', 'pooling'))
+@functools.partial(jax.jit, static_argnames=('resize_to', 'precision', 'pooling', 'dtype'))
 def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | None = 224,
-                   precision: Any = None, pooling: str = 'max') -> jax.Array:
+                   precision: Any = None, pooling: str = 'max', dtype: Any = jnp.float32
+                   ) -> jax.Array:
   """LPIPS(x, y) per example, as the consistency-models loss uses it.
 
   Args:
@@ -124,6 +137,7 @@ def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | 
     precision: matmul/conv precision (None: the backend default, fast on
       accelerators; jax.lax.Precision.HIGHEST for float32 everywhere).
     pooling: 'max' or 'avg' (see POOLINGS).
+    dtype: the VGG trunk's compute dtype (see LPIPS); the resize and the distance stay float32.
 
   Returns:
     [B] float32 distances; differentiable in x and y.
@@ -141,7 +155,7 @@ def lpips_distance(params: Params, x: jax.Array, y: jax.Array, resize_to: int | 
                                   precision=precision)
     y = inception.resize_bilinear(y.astype(jnp.float32), size, half_pixel=True,
                                   precision=precision)
-  return LPIPS(precision=precision, pooling=pooling).apply({'params': params}, x, y)
+  return LPIPS(precision=precision, pooling=pooling, dtype=dtype).apply({'params': params}, x, y)
 
 
 # ----------------------------------------------------------------------------

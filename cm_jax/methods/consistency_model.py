@@ -15,7 +15,11 @@ def _lpips_distance(cons_config, image_shape):
   del image_shape
   from cm_jax.evaluation import lpips  # pylint: disable=g-import-not-at-top  # Heavy; only when asked.
   errors.choose(lpips.POOLINGS, cons_config.lpips_pooling, 'consistency.lpips_pooling')
-  return lambda x, y, params: lpips.lpips_distance(params, x, y, pooling=cons_config.lpips_pooling)
+  # Records written before the field existed computed LPIPS in float32.
+  dtype = errors.choose(lpips.DTYPES, cons_config.get('lpips_dtype', 'float32'),
+                        'consistency.lpips_dtype')
+  return lambda x, y, params: lpips.lpips_distance(params, x, y, pooling=cons_config.lpips_pooling,
+                                                   dtype=dtype)
 
 
 # Beyond consistency.DISTANCES: the distances that need weights, a frozen input of the step.

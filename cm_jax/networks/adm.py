@@ -189,8 +189,8 @@ class AttentionBlock(nn.Module):
       q, k, v = jnp.split(qkv.reshape(b, -1, heads, 3 * head_ch), 3, axis=-1)
     # Scaling q and k by d^(-1/4) each (not the logits by d^(-1/2)) keeps low-precision logits in range.
     scale = head_ch**-0.25
-    logits = jnp.einsum('bthd,bshd->bhts', q * scale, k * scale)
-    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+    logits = jnp.einsum('bthd,bshd->bhts', q * scale, k * scale, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     attended = jnp.einsum('bhts,bshd->bthd', weights, v).reshape(b, height, width, channels)
     return x + _dense(attended, channels, 'proj_out', self.dtype, zero_init=True)
 

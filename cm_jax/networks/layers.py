@@ -8,8 +8,10 @@ zero-inserts, pads, filters with a normalised separable kernel and decimates.
 Module and parameter names (`Conv_0`, `Dense_0`, `NIN_0/W`, `Conv2d_0/weight`, ...) and their creation
 order follow the reference, so the parameter tree has the reference's layout.
 
-Every module computes in `dtype` and keeps its parameters in float32; numerically delicate parts (group
-norm statistics, attention softmax, the Fourier/sinusoidal embeddings) run in float32.
+Every module computes in `dtype` and keeps its parameters in float32; numerically delicate parts run
+in float32 whatever `dtype` is: group-norm statistics and normalisation, pixel norms, the attention
+softmax, the Fourier/sinusoidal embeddings and the per-block projections of the noise embedding
+(cast to `dtype` where they meet the activations).
 """
 
 import math
@@ -43,7 +45,8 @@ def num_groups(channels: int) -> int:
 
 
 def group_norm(x: jax.Array, dtype: Dtype) -> jax.Array:
-  # Flax computes the statistics in float32 even when `dtype` is bfloat16.
+  # Flax computes the statistics, and normalises, in float32 even when x and `dtype` are bfloat16;
+  # only the result is rounded to `dtype` (tests/test_precision.py reads that off the jaxpr).
   return nn.GroupNorm(
       num_groups=num_groups(x.shape[-1]), epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32)(x)
 
@@ -364,9 +367,11 @@ class ResnetBlockBigGANpp(nn.Module):
 
 
 def _temb_bias(temb: jax.Array, out_ch: int, dtype: Dtype) -> jax.Array:
-  """Per-channel bias from the noise-level embedding (a Dense_i in the caller's scope)."""
-  bias = nn.Dense(out_ch, kernel_init=default_init(), dtype=dtype, param_dtype=jnp.float32)(act(temb))
-  return bias[:, None, None, :]
+  """Per-channel bias from the noise-level embedding (a Dense_i in the caller's scope), projected in
+  float32 (a [B, 4 nf] x [4 nf, C] product) and rounded to the activations' `dtype` once."""
+  bias = nn.Dense(out_ch, kernel_init=default_init(), dtype=jnp.float32,
+                  param_dtype=jnp.float32)(act(temb.astype(jnp.float32)))
+  return bias.astype(dtype)[:, None, None, :]
 
 
 def _embed_and_norm(h: jax.Array, temb: Optional[jax.Array], out_ch: int, adaptive_double_norm: bool,

@@ -4,6 +4,11 @@ One module covers the family: NCSN++ (BigGAN residual blocks with FIR resampling
 embedding, a residual input pyramid) and DDPM++ (DDPM blocks, plain resampling, sinusoidal embedding) are
 configurations of it. The network maps (x, c_noise, labels) to an output of x's shape; it knows nothing of
 noise schedules or preconditioning, which wrap it from outside.
+
+Precision: parameters are float32; the body (convolutions, NIN layers, activations) computes in
+`dtype`. The noise embedding (features, MLP, class embedding and its per-block projections), the
+group-norm statistics, the attention softmax and the output head (last norm and conv) run in float32,
+so the output is float32 whatever `dtype` is.
 """
 
 import functools
@@ -78,13 +83,15 @@ class NCSNpp(nn.Module):
       raise ValueError(f'The network is class-conditional (num_classes={self.num_classes}); pass labels.')
     if self.num_classes > 0 and self.labels_before_mlp:
       temb += nn.Embed(self.num_classes, temb.shape[-1], param_dtype=jnp.float32)(labels)
-    dense = functools.partial(
-        nn.Dense, nf * 4, kernel_init=layers.default_init(), dtype=dtype, param_dtype=jnp.float32)
+    # The embedding's MLP stays float32 whatever `dtype` is (as ADM's in its fp16 mode): it costs
+    # [B, nf] x [nf, 4 nf], nothing beside the convolutions, and its rounding would reach every block.
+    dense = functools.partial(nn.Dense, nf * 4, kernel_init=layers.default_init(), dtype=jnp.float32,
+                              param_dtype=jnp.float32)
     temb = dense()(temb)
     temb = dense()(act(temb))
     if self.num_classes > 0 and not self.labels_before_mlp:
       # Class conditioning as in ADM: a learned embedding added to the noise embedding.
-      temb += nn.Embed(self.num_classes, nf * 4, dtype=dtype, param_dtype=jnp.float32)(labels)
+      temb += nn.Embed(self.num_classes, nf * 4, dtype=jnp.float32, param_dtype=jnp.float32)(labels)
 
     attn_block = functools.partial(
         layers.AttnBlockpp, init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=dtype)
@@ -171,7 +178,8 @@ class NCSNpp(nn.Module):
     assert not hs
 
     if self.progressive == 'output_skip':
-      h = pyramid
-    else:
-      h = conv(act(norm(h)), out_channels, init_scale=self.init_scale)
-    return h.astype(jnp.float32)
+      return pyramid.astype(jnp.float32)
+    # The output head in float32 (as ADM's): one conv to the image channels, whose rounding would
+    # otherwise land on the denoiser's output unaveraged.
+    h = act(layers.group_norm(h, jnp.float32))
+    return layers.conv(h, out_channels, self.conv_size, jnp.float32, init_scale=self.init_scale)
