@@ -9,19 +9,27 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.method = 'edm'
-  config.model.nf = 32
+  # A network sized for 8x8 (README, "A network sized for 8x8 digits"): 24 channels, DDPM residual
+  # blocks with plain resampling instead of BigGAN blocks with FIR filters, attention only in the
+  # middle block, no dropout. Half the FLOPs and about half the CPU time per step of the NCSN++ layout
+  # (nf 32, BigGAN + FIR, attention at 4x4, dropout 0.1) it replaced, and a better teacher and CD
+  # model at the same step counts.
+  config.model.nf = 24
   config.model.ch_mult = (1, 2)
   config.model.num_res_blocks = 1
-  config.model.attn_resolutions = (4,)
-  config.model.dropout = 0.1
+  config.model.attn_resolutions = ()
+  config.model.resblock_type = 'ddpm'
+  config.model.fir = False
+  config.model.dropout = 0.0
   config.training.batch_size = 128
-  # 2500 steps with a cosine decay fit the 10-minute budget on 2 CPU cores (0.14 s a step there) and
-  # score digits FD 5.5 with Heun 35 NFE; 4000 steps at a constant rate scored 4.7 (README).
-  config.training.num_steps = 2500
+  # 1600 steps with a cosine decay and a short EMA (README, "A network sized for 8x8 digits"): at
+  # this length an EMA of 0.999 still averages in weights from the middle of the run (1600 steps with
+  # it: Heun FD 16.6; the online weights of the same run: 4.7).
+  config.training.num_steps = 1600
   config.training.lr = 2e-3
   config.training.warmup_steps = 200
   config.training.lr_decay = 'cosine'
-  config.training.ema_decays = (0.999,)
+  config.training.ema_decays = (0.99,)
   config.training.log_every = 200
   config.training.checkpoint_every = 500
   config.training.final_samplers = ('heun',)
