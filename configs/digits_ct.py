@@ -10,6 +10,10 @@ one under stop-gradient (mu = 0), not the EMA with mu(k) = exp(s0 ln(0.9) / (N(k
 (cosine learning-rate decay) that scored digits FD 40.9 (1-step) and 39.1 (2-step) against 1773 and
 1159 with the paper's mu(k); iCT later made mu = 0 its default. The paper's target schedule:
   --config.consistency.target_ema_schedule=ct --config.consistency.target_ema=0.9
+
+Its README figures were (earlier code) measured on the earlier digits network of configs/digits_edm.py (NCSN++
+with 32 channels, BigGAN blocks, FIR, attention at 4x4; commit 3b8305b) and have not been
+repeated on the current one.
 """
 
 from configs import default, digits_edm

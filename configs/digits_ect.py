@@ -8,7 +8,9 @@ without teacher.workdir, trains configs/digits_edm.py into <workdir>/teacher fir
 consistency model, and writes 1-step and 2-step samples, grids and the digits metric. No teacher
 call in the step: the teacher run only provides the starting weights. From the main job's teacher
 (Heun 5.37) it scored digits FD 48.7 (1-step) and 15.9 (2-step), where CD from the same teacher in
-the same 2000 steps scored 8.48 and 5.42 (README, "ECT"): still improving, far from converged.
+the same 2000 steps scored 8.48 and 5.42 (README, "ECT"): still improving, far from converged. Those
+runs used the earlier digits network (commit 3b8305b; see configs/digits_edm.py) and have not been
+repeated on the current one.
 
 ECT's constants (configs/default.py `ect`, from locuslab/ect's CIFAR-10 run) kept: t ~ LogNormal(-1.1,
 2.0), the sigmoid mapping with k = 8, b = 1, c = 0 (the L2 norm), weighting 1/(t - r), RAdam with
@@ -20,7 +22,8 @@ Changed for a run of minutes on 2 CPU cores instead of 200k steps on a GPU:
   steps make 8 stages of 25k: the same halving of the step, compressed to the run's length.
 - RAdam at 4e-4 with a cosine decay and EMA 0.999, as digits_cd (ECT's constant 1e-4 and EMA 0.9999
   average over 10k steps, longer than this whole run).
-- Dropout 0.1, the teacher's (ECT raises EDM's 0.13 to 0.2 on CIFAR-10; not tuned here).
+- The teacher's dropout: 0 now, 0.1 in the runs above (ECT raises EDM's 0.13 to 0.2 on CIFAR-10;
+  not tuned here).
 - The 2-step intermediate time is ECT's CIFAR-10 mid_t = 0.821, not tuned for 8x8 digits; between
   the steps the output is clamped to [-1, 1] (sampling.clip_denoised, as the other digits runs; ECT's
   sampler does not clamp, as configs/cifar10_ect.py).

@@ -6,6 +6,10 @@ Every iCT switch of configs/cifar10_ict.py (pseudo-Huber with c = 0.00054 sqrt(6
 target, 1/(sigma_{i+1} - sigma_i) weighting, discretised log-normal noise levels, exponential
 curriculum s0 = 10 -> s1 = 1280 over 8 stages, Fourier scale 0.02 on c_noise = ln(sigma) / 4)
 on the digits network of configs/digits_edm.py, shortened to minutes on 2 CPU cores.
+
+Its README figures were measured on the earlier digits network of configs/digits_edm.py (NCSN++
+with 32 channels, BigGAN blocks, FIR, attention at 4x4; commit 3b8305b) and have not been
+repeated on the current one.
 """
 
 from configs import cifar10_ict, default, digits_edm

@@ -13,6 +13,10 @@ features of scale 16), since the student starts from its weights; the paper's ne
 0.85 of a CD step's CPU seconds (benchmarks/results/digits_scm_b128_cpu.json). That conditioning
 makes the student's time derivative large where 1-step sampling starts (README, "sCT and sCD on
 digits"), and this run stays far behind CD.
+
+Its README figures were measured on the earlier digits network of configs/digits_edm.py (NCSN++
+with 32 channels, BigGAN blocks, FIR, attention at 4x4; commit 3b8305b) and have not been
+repeated on the current one.
 """
 
 from configs import default, digits_edm

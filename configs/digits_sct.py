@@ -11,6 +11,10 @@ differs from the paper's CIFAR-10 sCT is listed in the README.
 
 2800 steps: the CPU time of the main job's 2000 CD steps (configs/digits_cd.py), at the sCT step's
 0.71 of a CD step's CPU seconds (benchmarks/results/digits_scm_b128_cpu.json).
+
+Its README figures were measured on the earlier digits network of configs/digits_edm.py (NCSN++
+with 32 channels, BigGAN blocks, FIR, attention at 4x4; commit 3b8305b) and have not been
+repeated on the current one.
 """
 
 from configs import default, digits_edm

@@ -31,7 +31,7 @@ from cm_jax import checkpointing, convert, inference
 from cm_jax.convert import common, edm, torch_pickle
 from cm_jax.errors import ConversionError, USER_ERRORS
 from cm_jax.networks import adm
-from configs import default
+from configs import default, digits_edm
 from tests import tiny
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'convert')
@@ -304,12 +304,16 @@ def test_a_converted_run_resumes_training(tmp_path, digits_data_dir):
 def test_the_command_line_converts(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   command = (f'{sys.executable} -m cm_jax.convert --source={_fixture("edm_ncsnpp_tiny.pkl")} '
-             f'--config=configs/digits_edm.py --workdir={tmp_path / "run"} --config.model.nf=8')
+             f'--config=configs/digits_edm.py --workdir={tmp_path / "run"} --config.model.nf=8 '
+             # The fixture is EDM's NCSN++ layout (BigGAN blocks, FIR, attention at 4x4), not the
+             # digits network's: the overrides the converter's error asks for.
+             '--config.model.attn_resolutions="(4,)" --config.model.resblock_type=biggan '
+             '--config.model.fir=True')
   result = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=300,
                           check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'EDMPrecond(sigma_data=0.5) around an EDM SongUNet' in result.stdout
-  assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / '2500')  # digits_edm's num_steps.
+  assert os.path.isdir(tmp_path / 'run' / 'checkpoints' / str(digits_edm.get_config().training.num_steps))
   # Again into the same folder: refused, with the reason, and the run left as it was.
   again = subprocess.run(command, shell=True, cwd=root, capture_output=True, text=True, timeout=300,
                          check=False)
