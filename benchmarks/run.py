@@ -4,17 +4,20 @@ r"""One benchmark harness: step throughput, sampling speed-up, compile time, mem
   python -m benchmarks.run --config=configs/digits_cd.py --all_methods
   python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=512 --profile_dir=/tmp/profile
   python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=8 --methods=edm,cd,ct,sct,scd
+  python -m benchmarks.run --config=configs/cifar10_cd.py:l2 --batch=8 --latency_runs=10
 
 For a config and a global batch it measures, after warm-up: the training step of each method asked
 for (the config's own by default; `--methods=edm,cd,ct,ict,ect,sct,scd` or `--all_methods` for
 variants of the same network and data shape), the 1-step and 2-step consistency samplers and the EDM teacher's Heun
 sampler (35 NFE) on the same network; the one-step speed-up over the teacher at equal batch; the
-compile time of each; XLA's memory analysis, the device's peak memory where the backend reports it and
-the host's peak RSS; model FLOPs from XLA's cost analysis and, on GPU/TPU, the fraction of peak FLOP/s.
+compile time of each; with --latency_runs, each sampler's latency on one image (batch 1); XLA's
+memory analysis, the device's peak memory where the backend reports it and the host's peak RSS;
+model FLOPs from XLA's cost analysis and, on GPU/TPU, the fraction of peak FLOP/s.
 
 Weights are random and batches synthetic (of the config's shape): nothing is read from disk, so the
-same command runs on a laptop CPU and on a pod. Writes JSON and a markdown table (benchmarks/README.md
-says what each field means). No timing here is an assertion: it is a measurement.
+same command runs on a laptop CPU and on a pod. Writes JSON and a markdown table
+(benchmarks/README.md says what each field means). No timing here is an assertion: it is a
+measurement.
 """
 
 import copy
@@ -377,6 +380,37 @@ def bench_sampler(exp: experiment.Experiment, fn: Callable, nfe: int, params, la
   }
 
 
+def bench_latency(exp: experiment.Experiment, params, warmup: int, runs: int) -> dict:
+  """Batch-1 latency of the 1-step, 2-step and teacher Heun samplers: median, 90th percentile and
+  minimum of `runs` calls after `warmup`, the compile timed apart.
+
+  The paper's "real-time" promise is about one image, which throughput at a large batch does not
+  show (a batch-1 call is launch- and latency-bound). One image does not split over devices, so the
+  call is jitted without shardings (on a multi-device mesh it runs replicated).
+  """
+  method = sampler_method(exp.config, exp.model, 0)
+  labels = jnp.zeros((1,), jnp.int32) if exp.config.model.num_classes > 0 else None
+  shape = (1,) + exp.image_shape
+  results = {}
+  for name, source in (('onestep', 'onestep'), ('twostep', 'multistep'),
+                       ('teacher_heun', 'teacher_heun')):
+    sampler = method.sampler(source)
+    jitted = jax.jit(lambda p, key, batch_labels, fn=sampler.fn: fn(p, key, batch_labels, shape))
+    _, compiled, compile_times = compile_timed(jitted, params, jax.random.PRNGKey(0), labels)
+    watch = Stopwatch()
+    for i in range(warmup + runs):
+      with watch:
+        images = jax.block_until_ready(compiled(params, jax.random.PRNGKey(i), labels))
+    wall = watch.wall_s[warmup:]
+    results[name] = {
+        'nfe': sampler.nfe, **compile_times, 'warmup_runs': warmup, 'runs': runs,
+        'output_shape': list(images.shape),
+        'times_s': list(wall), 'median_ms': 1e3 * statistics.median(wall),
+        'p90_ms': 1e3 * float(np.percentile(wall, 90)), 'min_ms': 1e3 * min(wall),
+    }
+  return results
+
+
 def forward_flops(exp: experiment.Experiment, params, batch_size: int) -> float | None:
   """FLOPs of one denoiser call on a batch (XLA cost analysis of the unoptimised HLO)."""
   x = jax.ShapeDtypeStruct((batch_size,) + exp.image_shape, jnp.float32)
@@ -480,12 +514,14 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, methods_to_tim
               all_methods: bool = False, warmup: int = 1, steps: int | None = None,
               sample_runs: int | None = None, teacher_runs: int | None = None,
               teacher_warmup: int | None = None, teacher_levels: int = 0, sampling: bool = True,
-              profile_dir: str = '', profile_steps: int = 2, config_name: str = '') -> dict:
+              profile_dir: str = '', profile_steps: int = 2, config_name: str = '',
+              latency_runs: int = 0) -> dict:
   """Run the benchmark; returns the JSON-ready result (see benchmarks/README.md for the fields).
 
   `steps` and `sample_runs` default to 3 on CPU, 10 elsewhere. The teacher's Heun is timed like the
   other samplers, or once without warm-up when one call would be long (a 35-NFE CIFAR-10 batch takes
-  over a minute on a 2-core CPU); `teacher_runs`/`teacher_warmup` override that.
+  over a minute on a 2-core CPU); `teacher_runs`/`teacher_warmup` override that. `latency_runs` > 0
+  also times each sampler on one image (bench_latency).
   """
   on_cpu = jax.default_backend() == 'cpu'
   steps = steps if steps is not None else (3 if on_cpu else 10)
@@ -537,6 +573,8 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, methods_to_tim
     teacher_warmup, teacher_runs = extra['teacher_warmup'], extra['teacher_runs']
     notes += sampling_notes
 
+  latency = bench_latency(base, params, warmup, latency_runs) if latency_runs > 0 else {}
+
   machine = machine_info()
   machine['load_avg_start'] = list(load_start)
   machine['load_avg_end'] = list(os.getloadavg())
@@ -559,6 +597,7 @@ def benchmark(config: ml_collections.ConfigDict, batch_size: int, methods_to_tim
       'train': train_results,
       'sampling': sampling_results,
       'speedup': speedup,
+      'latency': latency,
       'peak_flops_per_device': peak,
       'device_memory': device_memory(),
       'host_peak_rss_bytes': host_peak_rss_bytes(),
@@ -619,6 +658,12 @@ def markdown_report(result: dict) -> str:
     lines += ['', f'One-step speed-up over the teacher\'s Heun {sp["teacher_nfe"]} NFE at equal '
               f'batch: **{sp["onestep_over_teacher"]:.1f}x** (2-step: '
               f'{sp["twostep_over_teacher"]:.1f}x).']
+  if result.get('latency'):
+    lines += ['', '| sampler at batch 1 | NFE | compile (s) | latency median (ms) | p90 (ms) | min (ms) '
+              '| runs |', '|---|---|---|---|---|---|---|']
+    for name, r in result['latency'].items():
+      lines.append(f'| {name} | {r["nfe"]} | {r["compile_s"]:.1f} | {r["median_ms"]:.3g} '
+                   f'| {r["p90_ms"]:.3g} | {r["min_ms"]:.3g} | {r["runs"]} |')
   device_peak = (result['device_memory'] or {}).get('peak_bytes_in_use')
   peak_text = (f'{device_peak * gib:.2f} GiB' if device_peak is not None
                else f'not reported by the {m["backend"]} backend')
@@ -666,7 +711,7 @@ def main(argv) -> None:
         flag_values.all_methods, flag_values.warmup, flag_values.steps, flag_values.sample_runs,
         flag_values.teacher_runs, flag_values.teacher_warmup, flag_values.teacher_levels,
         not flag_values.skip_sampling, flag_values.profile_dir, flag_values.profile_steps,
-        config_name)
+        config_name, flag_values.latency_runs)
   except (ValueError, *USER_ERRORS) as error:  # Raised before compiling: say what to change.
     sys.exit(f'{type(error).__name__}: {error}')
   result['command'] = ' '.join(['python -m benchmarks.run'] + sys.argv[1:])
@@ -697,6 +742,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('teacher_levels', 0, 'Time the teacher Heun on this many Karras levels '
                        '(2L-1 NFE) and extrapolate per NFE to the full sampler; 0: run it in full.')
   flags.DEFINE_bool('skip_sampling', False, 'Time only the training steps.')
+  flags.DEFINE_integer('latency_runs', 0, 'If > 0, also time the 1-step, 2-step and teacher Heun '
+                       'samplers on one image (batch 1), this many calls after --warmup: latency.')
   flags.DEFINE_string('out', '', 'JSON output path (a .md table is written next to it); default '
                       'benchmarks/results/<config>_b<batch>_<backend>.json.')
   flags.DEFINE_string('profile_dir', '', 'If set, a jax.profiler trace of --profile_steps extra '

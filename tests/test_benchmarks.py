@@ -2,6 +2,7 @@
 
 import json
 import os
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -176,3 +177,29 @@ def test_the_fd_figure_draws_the_runs_that_exist(tmp_path):
   assert found == [('ECT', runs['ect'])]
   assert [(label, why.split(' ', 1)[1]) for label, why in missing] == [
       ('CD', 'holds no run'), ('iCT', 'has no checkpoint')]
+
+
+def test_latency_times_each_sampler_on_one_image():
+  exp = bench.build(tiny_digits_cd(), 8)
+  params = bench.init_params(exp)
+  latency = bench.bench_latency(exp, params, warmup=1, runs=3)
+  assert list(latency) == ['onestep', 'twostep', 'teacher_heun']
+  assert [r['nfe'] for r in latency.values()] == [1, 2, 5]
+  for r in latency.values():
+    assert r['output_shape'] == [1, 8, 8, 1]  # One image, whatever the run's batch (8 here).
+    assert len(r['times_s']) == r['runs'] == 3  # The warm-up call is not among them.
+    assert r['min_ms'] <= r['median_ms'] <= r['p90_ms']
+    assert r['median_ms'] == pytest.approx(1e3 * statistics.median(r['times_s']))
+  table = bench.markdown_report({**_minimal_result(), 'latency': latency})
+  assert '| teacher_heun | 5 |' in table and 'latency median (ms)' in table
+
+
+def _minimal_result() -> dict:
+  """The fields markdown_report reads, for a result with no training step and no sampler table."""
+  return {'machine': {'backend': 'cpu', 'host_cores': 2, 'num_devices': 1, 'device_kind': 'cpu',
+                      'host_cpu': 'x', 'jax_version': jax.__version__, 'load_avg_start': [0.0],
+                      'load_avg_end': [0.0]},
+          'settings': {'steps': 1, 'sample_runs': 1, 'warmup': 1}, 'config': 'tiny',
+          'config_method': 'cd', 'batch_size': 8, 'num_params': 1, 'dtype': 'float32',
+          'train': {}, 'sampling': {}, 'device_memory': None, 'host_peak_rss_bytes': 0,
+          'model': {'forward_flops_per_image': None}, 'notes': []}
