@@ -21,8 +21,10 @@ def shrink(config, data_dir: str, steps: int = 4):
 
 def fixture_network(config):
   """The network of the converted EDM fixture (tests/fixtures/convert/edm_ncsnpp_tiny.pkl): shrink's
-  as it was when the fixture was written, two levels with attention at 4x4."""
+  as it was when the fixture was written, two levels with attention at 4x4, EDM's BigGAN blocks and
+  FIR resampling (the digits network has since taken DDPM blocks and plain resampling)."""
   config.model.ch_mult, config.model.attn_resolutions = (1, 2), (4,)
+  config.model.resblock_type, config.model.fir = 'biggan', True
   return config
 
 
