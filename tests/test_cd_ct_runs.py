@@ -55,8 +55,9 @@ def test_cd_starts_from_teacher_never_changes_it_and_tracks_target(tmp_path, dig
                                    str(tmp_path / 'cd0'))
   teacher = _teacher_ema(teacher_dir, start.exp)
   assert _leaves_equal(start.state.params, teacher)  # The student starts as the teacher.
-  out = train_mode.run(tiny.cd_config(digits_data_dir, teacher_dir, steps=3),
-                             str(tmp_path / 'cd'))
+  config = tiny.cd_config(digits_data_dir, teacher_dir, steps=3)
+  config.training.final_samplers = ('onestep', 'multistep', 'teacher_heun')
+  out = train_mode.run(config, str(tmp_path / 'cd'))
   assert _leaves_equal(out.frozen['teacher_params'], teacher)  # Frozen through training.
   assert _leaves_equal(_teacher_ema(teacher_dir, out.exp), teacher)  # And on disk.
   assert not _leaves_equal(out.state.params, teacher)
