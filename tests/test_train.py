@@ -91,8 +91,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
 def test_workdir_of_another_config_is_refused(tmp_path, digits_data_dir):
   tiny.train(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path))
   other = tiny.edm_config(digits_data_dir, steps=4)
-  other.training.lr = 5e-4
-  with pytest.raises(WorkdirError, match='training.lr'):
+  # Another run's data (any field outside RESUMABLE_CHANGES is refused alike); it leaves the compiled
+  # step as it is, so both runs share the one the tests above compiled.
+  other.data.random_flip = True
+  with pytest.raises(WorkdirError, match='data.random_flip'):
     tiny.train(other, str(tmp_path))
   other.allow_other_config = True
   assert tiny.train(other, str(tmp_path)).step == 4
@@ -102,14 +104,15 @@ def test_extending_num_steps_is_refused_only_where_the_schedule_depends_on_it(tm
                                                                             digits_data_dir):
   for lr_decay, resumable in (('constant', True), ('cosine', False)):
     workdir = str(tmp_path / lr_decay)
-    config = tiny.edm_config(digits_data_dir, steps=2)
+    # 6 steps: the cosine run is then the resume test's, whose compiled step it shares.
+    config = tiny.edm_config(digits_data_dir, steps=6)
     config.training.lr_decay = lr_decay
     tiny.train(config, workdir)
-    config.training.num_steps = 3
+    config.training.num_steps = 7
     if resumable:
-      assert tiny.train(config, workdir).step == 3
+      assert tiny.train(config, workdir).step == 7
     else:
-      with pytest.raises(WorkdirError, match='training.num_steps: 2 in the workdir, 3 now'):
+      with pytest.raises(WorkdirError, match='training.num_steps: 6 in the workdir, 7 now'):
         tiny.train(config, workdir)
 
 
