@@ -11,6 +11,13 @@ import pytest
 # so it is marked absent (import raises ImportError, which torch reads as "no triton").
 sys.modules.setdefault('triton', None)
 
+# The suite compiles hundreds of small programs and runs most of them for a few steps: XLA:CPU's
+# optimisation (LLVM at O2) costs more time than it saves, about half of each compile. JAX's own
+# switch for that case turns it off, for this process and, through the environment, for the ones it
+# launches (so their results stay comparable with this one's). JAX_DISABLE_MOST_OPTIMIZATIONS=0
+# runs the suite optimised.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+
 
 @pytest.fixture(scope='session', autouse=True)
 def _isolated_caches(tmp_path_factory):
@@ -37,10 +44,14 @@ def digits_data_dir(tmp_path_factory) -> str:
 
 
 def pytest_configure(config):
-  """Share compiled executables between tests that build the same step (a persistent XLA cache)."""
+  """Share compiled executables between tests that build the same step (a persistent XLA cache);
+  compile unoptimised unless asked otherwise (above)."""
   del config
   import tempfile
   import jax
+  # Also when something imported jax before this file set the variable.
+  jax.config.update('jax_disable_most_optimizations', os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower()
+                    in ('1', 'y', 'yes', 't', 'true', 'on'))
   cache = os.environ.get('CM_JAX_TEST_XLA_CACHE') or tempfile.mkdtemp(prefix='cm_jax_xla_')
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
