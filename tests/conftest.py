@@ -43,6 +43,21 @@ def digits_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope='session')
+def one_device_run(tmp_path_factory, digits_data_dir) -> dict:
+  """`distributed_worker.make_config` trained for 20 steps on one CPU device, checkpoints at 10 and 20:
+  the reference that test_checkpointing and test_distributed compare their runs with. Trained once
+  per session; tests read it and copy its workdir before changing anything."""
+  import jax
+  import numpy as np
+  from tests import distributed_worker, tiny
+  assert jax.device_count() == 1
+  workdir = str(tmp_path_factory.mktemp('one_device') / 'run')
+  out = tiny.train(distributed_worker.make_config(digits_data_dir, 20), workdir)
+  return {'losses': {int(s): float(loss) for s, loss in out.losses}, 'workdir': workdir,
+          'params': [np.asarray(x) for x in jax.tree.leaves(out.state.params)]}
+
+
 def pytest_configure(config):
   """Share compiled executables between tests that build the same step (a persistent XLA cache);
   compile unoptimised unless asked otherwise (above)."""
