@@ -58,6 +58,23 @@ def one_device_run(tmp_path_factory, digits_data_dir) -> dict:
           'params': [np.asarray(x) for x in jax.tree.leaves(out.state.params)]}
 
 
+@pytest.fixture(autouse=True)
+def _xla_optimised(request):
+  """Tests marked xla_optimised compile with XLA's optimisations (the suite's default is not to, see
+  above): they run one program for long (thousands of steps, 10^5 samples), where unoptimised code
+  costs more than the compile saves. Programs the session compiled before keep their compilation."""
+  if request.node.get_closest_marker('xla_optimised') is None:
+    yield
+    return
+  import jax
+  unoptimised = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', unoptimised)
+
+
 def pytest_configure(config):
   """Share compiled executables between tests that build the same step (a persistent XLA cache);
   compile unoptimised unless asked otherwise (above)."""

@@ -62,6 +62,7 @@ def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, d
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
+@pytest.mark.xla_optimised  # Thousands of steps or 10^5 samples of one program.
 def test_edm_loss_decreases_on_digits(tmp_path, digits_data_dir):
   config = tiny.edm_config(digits_data_dir, steps=300)
   config.model.nf, config.training.lr, config.training.batch_size = 16, 2e-3, 32
