@@ -176,8 +176,7 @@ class TestProperties:
 
   def test_zero_on_identical_inputs_symmetric_and_positive(self, reference):
     params = reference['params']
-    # The shape of the native-resolution parity test, whose compiled distance this one reuses.
-    x, y = _images(4, (2, 48, 40, 3)), _images(5, (2, 48, 40, 3))
+    x, y = _images(4, (3, 32, 32, 3)), _images(5, (3, 32, 32, 3))
     np.testing.assert_allclose(_jax_distance(params, x, x, None), 0.0, atol=1e-7)
     d_xy, d_yx = _jax_distance(params, x, y, None), _jax_distance(params, y, x, None)
     np.testing.assert_allclose(d_xy, d_yx, rtol=1e-6)
