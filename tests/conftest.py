@@ -11,6 +11,13 @@ import pytest
 # so it is marked absent (import raises ImportError, which torch reads as "no triton").
 sys.modules.setdefault('triton', None)
 
+# The suite compiles hundreds of small programs and runs most of them for a few steps: XLA:CPU's
+# optimisation (LLVM at O2) costs more time than it saves, about half of each compile. JAX's own
+# switch for that case turns it off, for this process and, through the environment, for the ones it
+# launches (so their results stay comparable with this one's). JAX_DISABLE_MOST_OPTIMIZATIONS=0
+# runs the suite optimised.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+
 
 @pytest.fixture(scope='session', autouse=True)
 def _isolated_caches(tmp_path_factory):
@@ -36,11 +43,47 @@ def digits_data_dir(tmp_path_factory) -> str:
   return data_dir
 
 
+@pytest.fixture(scope='session')
+def one_device_run(tmp_path_factory, digits_data_dir) -> dict:
+  """`distributed_worker.make_config` trained for 20 steps on one CPU device, checkpoints at 10 and 20:
+  the reference that test_checkpointing and test_distributed compare their runs with. Trained once
+  per session; tests read it and copy its workdir before changing anything."""
+  import jax
+  import numpy as np
+  from tests import distributed_worker, tiny
+  assert jax.device_count() == 1
+  workdir = str(tmp_path_factory.mktemp('one_device') / 'run')
+  out = tiny.train(distributed_worker.make_config(digits_data_dir, 20), workdir)
+  return {'losses': {int(s): float(loss) for s, loss in out.losses}, 'workdir': workdir,
+          'params': [np.asarray(x) for x in jax.tree.leaves(out.state.params)]}
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimised(request):
+  """Tests marked xla_optimised compile with XLA's optimisations (the suite's default is not to, see
+  above): they run one program for long (thousands of steps, 10^5 samples), where unoptimised code
+  costs more than the compile saves. Programs the session compiled before keep their compilation."""
+  if request.node.get_closest_marker('xla_optimised') is None:
+    yield
+    return
+  import jax
+  unoptimised = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', unoptimised)
+
+
 def pytest_configure(config):
-  """Share compiled executables between tests that build the same step (a persistent XLA cache)."""
+  """Share compiled executables between tests that build the same step (a persistent XLA cache);
+  compile unoptimised unless asked otherwise (above)."""
   del config
   import tempfile
   import jax
+  # Also when something imported jax before this file set the variable.
+  jax.config.update('jax_disable_most_optimizations', os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'].lower()
+                    in ('1', 'y', 'yes', 't', 'true', 'on'))
   cache = os.environ.get('CM_JAX_TEST_XLA_CACHE') or tempfile.mkdtemp(prefix='cm_jax_xla_')
   jax.config.update('jax_compilation_cache_dir', cache)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

@@ -186,18 +186,22 @@ def test_a_target_network_with_mu_above_zero_trails_and_resumes(tmp_path, digits
 
 
 @pytest.mark.parametrize('name', ['ct', 'cd'])
-def test_each_step_moves_the_target_by_mu(digits_data_dir, teacher_dir, name):
+def test_each_step_moves_the_target_by_mu(tmp_path, digits_data_dir, teacher_dir, name):
   """theta- <- mu theta- + (1 - mu) theta after each update, with mu(k) of the run's schedule:
   0.81, then 0.9^(2 / (N(k) - 1)), for CT (the reference's formula); 0.95 for CD."""
   import jax.numpy as jnp
   from cm_jax import consistency, experiment, trainer
   config = _target_ema_runs(digits_data_dir, teacher_dir)[name]
   config.teacher.workdir = teacher_dir
-  exp = experiment.build(config, '/tmp/unused')
+  exp = experiment.build(config, str(tmp_path / 'run'))
   frozen = exp.load_frozen()
-  state = jax.jit(exp.init_state_fn())(jax.random.PRNGKey(0))
+  # The state and the step as a run creates and compiles them: the programs of the runs above, which
+  # the session's compilation cache holds.
+  ckpt = checkpointing.Checkpointer(str(tmp_path / 'run' / 'checkpoints'))
+  state, _ = trainer.restore_or_init(exp, ckpt)
+  ckpt.close()
   state = state.replace(extra={'target_params': jax.tree.map(lambda p: p + 0.1, state.params)})
-  step_fn = trainer.make_train_step(exp, trainer.frozen_shardings_of(frozen))
+  step_fn = trainer.compile_train_step(exp, state, frozen)
   batch = {'image': jnp.zeros((16, 8, 8, 1)) + jnp.linspace(-1, 1, 64).reshape(1, 8, 8, 1),
            'label': jnp.zeros((16,), jnp.int32)}
   mus = []

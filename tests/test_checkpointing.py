@@ -41,12 +41,11 @@ def unfinished_saves(workdir: str) -> list[str]:
 
 
 @pytest.fixture(scope='module')
-def baseline(tmp_path_factory, digits_data_dir):
-  """20 uninterrupted steps with checkpoints at 10 and 20."""
-  workdir = str(tmp_path_factory.mktemp('baseline') / 'run')
-  out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
-  assert finalized_steps(workdir)[-2:] == [10, 20]
-  return {'losses': losses(out), 'workdir': workdir}
+def baseline(one_device_run):
+  """20 uninterrupted steps with checkpoints at 10 and 20 (conftest's, shared with test_distributed)."""
+  assert finalized_steps(one_device_run['workdir'])[-2:] == [10, 20]
+  assert sorted(one_device_run['losses']) == list(range(STEPS))
+  return one_device_run
 
 
 def _truncate_arrays(step_dir: str) -> None:

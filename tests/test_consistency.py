@@ -98,6 +98,7 @@ def test_lognormal_index_probabilities_match_formula():
     np.testing.assert_allclose(probs[:n - 1], lognormal_probs_reference(n), rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.xla_optimised  # Thousands of steps or 10^5 samples of one program.
 def test_lognormal_index_samples_chi_square():
   config = cons_config(noise_sampling='lognormal')
   idx = np.asarray(consistency.sample_indices(jax.random.PRNGKey(0), 200_000, config, noise_config(),
@@ -251,6 +252,7 @@ class PixelMLP(nn.Module):
 
 
 @pytest.mark.slow
+@pytest.mark.xla_optimised  # Thousands of steps or 10^5 samples of one program.
 def test_cd_with_exact_teacher_learns_the_pf_ode_endpoint():
   """A small model distilled from the exact Gaussian denoiser maps x_T to the exact ODE endpoint.
 

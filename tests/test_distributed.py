@@ -2,7 +2,8 @@
 
 Multi-device runs are subprocesses (`tests/distributed_worker.py`): the number of fake CPU devices is
 fixed when jax is imported. All runs train `distributed_worker.make_config` (tiny digits EDM, dropout
-0.1) for 20 steps from seed 0 on the same global batches.
+0.1, a constant learning rate) for 20 steps from seed 0 on the same global batches; the 2-process
+run trains the first 10 (step k's loss does not depend on how many steps a run was asked for).
 
 Tolerance: RTOL on each step's loss. The runs differ only in how float32 sums are split over devices
 (the batch mean of the loss, the cross-device gradient all-reduce, and on FSDP the gathered weights):
@@ -32,6 +33,7 @@ from tests import distributed_worker, tiny
 REPO = distributed_worker.REPO
 RTOL = 2e-5
 STEPS = 20
+HALF = 10  # The reference's first checkpoint, where the 2-process run stops.
 
 
 def worker_env() -> dict:
@@ -86,13 +88,11 @@ def copy_run_at(workdir: str, step: int, target: str) -> str:
 
 
 @pytest.fixture(scope='module')
-def baseline(tmp_path_factory, digits_data_dir):
-  """The reference: 20 steps on this process's single CPU device, checkpoints at 10 and 20."""
-  assert jax.device_count() == 1
-  workdir = str(tmp_path_factory.mktemp('one_device') / 'run')
-  out = tiny.train(distributed_worker.make_config(digits_data_dir, STEPS), workdir)
-  return {'losses': losses(out), 'workdir': workdir,
-          'params': [np.asarray(x) for x in jax.tree.leaves(out.state.params)]}
+def baseline(one_device_run):
+  """The reference: 20 steps on the test process's single CPU device, checkpoints at 10 and 20
+  (conftest's, shared with test_checkpointing)."""
+  assert sorted(one_device_run['losses']) == list(range(STEPS))
+  return one_device_run
 
 
 @pytest.fixture(scope='module')
@@ -150,7 +150,7 @@ def test_two_processes_of_four_devices_give_the_losses_of_one(baseline, tmp_path
   for process_id in range(2):
     args = [sys.executable, '-m', 'tests.distributed_worker', '--devices=4', '--num_processes=2',
             f'--process_id={process_id}', f'--port={port}', f'--data_dir={digits_data_dir}',
-            f'--workdir={workdir}', f'--out={out}', f'--steps={STEPS}']
+            f'--workdir={workdir}', f'--out={out}', f'--steps={HALF}']
     procs.append(subprocess.Popen(args, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
   try:
@@ -163,11 +163,11 @@ def test_two_processes_of_four_devices_give_the_losses_of_one(baseline, tmp_path
   with open(out) as f:
     two, = json.load(f)
   assert (two['processes'], two['devices'], two['mesh']) == (2, 8, {'data': 8, 'fsdp': 1})
-  assert_same_losses(losses(two), baseline['losses'], range(STEPS))
+  assert_same_losses(losses(two), baseline['losses'], range(HALF))
   # Only process 0 writes: one events file, one config.json; the checkpoints are shared.
   events = [n for n in os.listdir(workdir) if n.startswith('events.out.tfevents')]
   assert len(events) == 1 and os.path.exists(os.path.join(workdir, 'config.json'))
-  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())[-1] == 20
+  assert sorted(int(n) for n in os.listdir(os.path.join(workdir, 'checkpoints')) if n.isdigit())[-1] == HALF
 
 
 def test_bfloat16_compute_trains_with_float32_state(baseline, tmp_path, digits_data_dir):
@@ -268,16 +268,26 @@ def test_launch_rejects_a_batch_that_does_not_divide_before_compiling(tmp_path, 
 @pytest.mark.slow
 def test_a_run_samples_on_a_device_count_its_training_batch_does_not_divide(tmp_path,
                                                                            digits_data_dir):
-  common = ['--config=configs/digits_edm.py', f'--workdir={tmp_path}',
-            f'--config.data.data_dir={digits_data_dir}', '--config.training.batch_size=12',
-            '--config.training.num_steps=2', '--config.model.nf=8', '--config.sampling.num_steps=3',
-            '--config.sampling.num_samples=10', '--config.sampling.batch_size=10']
-  trained = _launch(*common, devices=1)
-  assert trained.returncode == 0, trained.stderr[-3000:]
+  from configs import digits_edm  # pylint: disable=g-import-not-at-top
+  from cm_jax.modes import train as train_mode  # pylint: disable=g-import-not-at-top
+  # A one-level network without attention (tests/tiny.py's): what is tested is where the batches go.
+  overrides = {'data.data_dir': digits_data_dir, 'training.batch_size': 12,
+               'training.num_steps': 2, 'model.nf': 8, 'model.ch_mult': (1,),
+               'model.attn_resolutions': (), 'sampling.num_steps': 3, 'sampling.num_samples': 10,
+               'sampling.batch_size': 10}
+  # Trained here, on this process's one device (launch.py's train mode is tested in
+  # test_reliability); its final samples are written as by a launch.
+  config = digits_edm.get_config()
+  for key, value in overrides.items():
+    section, field = key.split('.')
+    config[section][field] = value
+  train_mode.run(config, str(tmp_path))
   with np.load(tmp_path / 'samples' / 'heun_nfe5' / 'samples_10x8x8x1.npz') as npz:
     on_one = npz['arr_0']
   # 12 does not divide over 8 devices: only training needs it to; sampling pads its own batches.
-  sampled = _launch(*common, '--mode=sample', devices=8)
+  # The same overrides on the command line: a config that differed from the run's would be refused.
+  sampled = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}', '--mode=sample',
+                    *[f'--config.{key}={value}' for key, value in overrides.items()], devices=8)
   assert sampled.returncode == 0, sampled.stderr[-3000:]
   with np.load(tmp_path / 'samples' / 'heun_nfe5' / 'samples_10x8x8x1.npz') as npz:
     np.testing.assert_array_equal(npz['arr_0'], on_one)

@@ -3,6 +3,7 @@
 The CIFAR-10 test trains a tiny NCSN++ for 2 steps on `tfds.testing.mock_data`, then samples and scores
 it with a random-weight Inception (offline; the numbers mean nothing, their plumbing is what is tested).
 """
+import hashlib
 
 import json
 import os
@@ -20,7 +21,7 @@ from cm_jax import data, inference, outputs
 from cm_jax.evaluators import image_metrics
 from cm_jax.modes import eval as eval_mode
 from cm_jax.errors import ConfigError, WorkdirError
-from cm_jax.evaluation import inception
+from cm_jax.evaluation import inception, metrics
 from configs import cifar10_edm, default
 from tests import tiny
 
@@ -28,12 +29,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_cifar10_config(tmp_path, inception_path: str):
-  """CIFAR-10 shapes (32x32x3) with a network small enough to train and sample in seconds."""
+  """CIFAR-10 shapes (32x32x3) with a network small enough to train and sample in seconds: one level
+  without attention, as tests/tiny.py (eval reads the network's output only, whatever its depth)."""
   config = cifar10_edm.get_config()
   config.data.data_dir = str(tmp_path / 'tfds')
   config.data.random_flip = False
   m = config.model
-  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 16, (1, 1), 1, (), 0.0
+  m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions, m.dropout = 16, (1,), 1, (), 0.0
   m.dtype = 'float32'  # The config's bfloat16 is for accelerators; a CPU emulates it.
   t = config.training
   t.batch_size, t.num_steps, t.warmup_steps = 2, 2, 0
@@ -158,9 +160,44 @@ def test_digits_npz_gets_the_digits_metric(tmp_path, digits_data_dir):
 # --------------------------------------------------------------------------------------------------
 # CIFAR-10 end to end, on mock data with a random Inception.
 # --------------------------------------------------------------------------------------------------
+def _memoised(frechet_distance):
+  """frechet_distance computed once per distinct input (the bytes of its four arrays).
+
+  Scoring the written npz gives the sampled statistics again; scipy's sqrtm of a 2048x2048 product
+  costs 45-65 CPU seconds on 2 cores, so equal inputs share it. Inputs that differ in a single bit
+  are computed anew, and then (almost surely) give another value, which the test would catch."""
+  values = {}
+
+  def memoised(mu1, sigma1, mu2, sigma2):
+    key = hashlib.sha256(b''.join(np.ascontiguousarray(a, np.float64).tobytes()
+                                  for a in (mu1, sigma1, mu2, sigma2))).hexdigest()
+    if key not in values:
+      values[key] = frechet_distance(mu1, sigma1, mu2, sigma2)
+    return values[key]
+  return memoised
+
+
+def _frechet_distance_by_eigh(mu1, sigma1, mu2, sigma2):
+  """The same value as metrics.frechet_distance for covariances, by the route test_metrics checks it
+  against: Tr sqrt(S1 S2) = Tr sqrt(S1^1/2 S2 S1^1/2), two symmetric eigendecompositions (a few
+  seconds at 2048 dimensions, where scipy's general sqrtm takes a minute)."""
+  w, v = np.linalg.eigh(np.asarray(sigma1, np.float64))
+  root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+  tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)).sum()
+  diff = np.asarray(mu1, np.float64) - mu2
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
 @pytest.mark.slow
-def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
+def test_cifar10_eval_end_to_end(tmp_path, random_inception_path, monkeypatch):
   config = tiny_cifar10_config(tmp_path, random_inception_path)
+  # Inception at 75x75 (the smallest input its valid convolutions and pools take) instead of 299x299:
+  # the same layers, variables and 2048 pool features at 1/16 of the FLOPs. What is tested is how
+  # eval feeds and reads the network; test_inception checks the network itself at 299x299.
+  monkeypatch.setattr(inception, 'INCEPTION_SIZE', 75)
+  # One real FID of the sampled images (scipy's sqrtm on the few-sample, full-dimension statistics the
+  # pipeline produces); their re-score from the npz must equal it, so it is looked up, not recomputed.
+  monkeypatch.setattr(metrics, 'frechet_distance', _memoised(metrics.frechet_distance))
   workdir = str(tmp_path / 'run')
   load_split = mock.Mock(wraps=data.load_split)
   with tfds.testing.mock_data(num_examples=20), \
@@ -185,7 +222,8 @@ def test_cifar10_eval_end_to_end(tmp_path, random_inception_path):
     # The reference images themselves score as a perfect generator: FID 0, precision = recall = 1.
     real, _ = data.load_split(config.data, 'train', process_index=0, process_count=1)
     real_npz = outputs.write_samples(str(tmp_path / 'real'), real, None)
-    perfect = eval_mode.run(config, workdir, real_npz)['samples_20x32x32x3']['metrics']
+    with mock.patch.object(metrics, 'frechet_distance', _frechet_distance_by_eigh):
+      perfect = eval_mode.run(config, workdir, real_npz)['samples_20x32x32x3']['metrics']
     assert perfect['fid'] == pytest.approx(0.0, abs=1e-3)
     assert (perfect['precision'], perfect['recall']) == (1.0, 1.0)
 

@@ -201,8 +201,9 @@ class TestProperties:
   def test_gradient_is_finite_even_at_zero_distance(self, reference):
     params = reference['params']
     x, y = _images(10, (2, 16, 16, 3)), _images(11, (2, 16, 16, 3))
-    grad_fn = jax.jit(jax.grad(lambda a, b: jnp.sum(lpips.lpips_distance(params, a, b, resize_to=None))))
-    grad_apart, grad_equal = grad_fn(x, y), grad_fn(x, x)
+    # The weights are an argument, not constants folded into the compiled gradient.
+    grad_fn = jax.jit(jax.grad(lambda a, b, p: jnp.sum(lpips.lpips_distance(p, a, b, resize_to=None))))
+    grad_apart, grad_equal = grad_fn(x, y, params), grad_fn(x, x, params)
     assert np.all(np.isfinite(grad_apart)) and np.any(grad_apart != 0)
     # d(x, y) has its minimum 0 at y = x: the gradient there is exactly zero.
     assert np.all(np.isfinite(grad_equal)) and np.all(np.abs(grad_equal) < 1e-6)

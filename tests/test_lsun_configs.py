@@ -62,6 +62,11 @@ _WORKER = textwrap.dedent("""
     from tests import distributed_worker
     root = sys.argv[1]
     sharding.FSDP_MIN_SIZE = 1  # Shard every leaf that divides: the reduced model is small.
+    # LPIPS on the images as they are, as at full size (256x256 is not below 224, so never resized);
+    # upsampling the reduced 32x32 images to 224x224 would multiply VGG's work by 49.
+    # The upsampling itself is checked against the lpips package in test_lpips.
+    lpips_at_any_size = lpips.lpips_distance
+    lpips.lpips_distance = lambda *args, **kwargs: lpips_at_any_size(*args, resize_to=None, **kwargs)
 
     def reduced(config, category):
       m = config.model  # The LSUN ADM's structure (attention, 64-channel heads, up/down blocks) at 32x32.
@@ -75,8 +80,8 @@ _WORKER = textwrap.dedent("""
         config.consistency.num_scales = 8
         config.sampling.ts = (0, 4, 7)
       if config.method == 'ct':
-        # LPIPS (a VGG at 224x224, the slowest part on CPU) is exercised by the CD run; CT's
-        # distance goes through the same code.
+        # LPIPS (a VGG, the slowest part on CPU) is exercised by the CD run; CT's distance goes
+        # through the same code.
         config.consistency.distance = 'l2'
       config.teacher.workdir, config.teacher.config = os.path.join(root, 'edm_' + category), ''
       return config

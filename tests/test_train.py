@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -61,6 +62,7 @@ def test_train_and_finish_writes_checkpoint_samples_grid_and_metrics(tmp_path, d
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
+@pytest.mark.xla_optimised  # Thousands of steps or 10^5 samples of one program.
 def test_edm_loss_decreases_on_digits(tmp_path, digits_data_dir):
   config = tiny.edm_config(digits_data_dir, steps=300)
   config.model.nf, config.training.lr, config.training.batch_size = 16, 2e-3, 32
@@ -91,8 +93,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, digi
 def test_workdir_of_another_config_is_refused(tmp_path, digits_data_dir):
   tiny.train(tiny.edm_config(digits_data_dir, steps=2), str(tmp_path))
   other = tiny.edm_config(digits_data_dir, steps=4)
-  other.training.lr = 5e-4
-  with pytest.raises(WorkdirError, match='training.lr'):
+  # Another run's data (any field outside RESUMABLE_CHANGES is refused alike); it leaves the compiled
+  # step as it is, so both runs share the one the tests above compiled.
+  other.data.random_flip = True
+  with pytest.raises(WorkdirError, match='data.random_flip'):
     tiny.train(other, str(tmp_path))
   other.allow_other_config = True
   assert tiny.train(other, str(tmp_path)).step == 4
@@ -102,14 +106,15 @@ def test_extending_num_steps_is_refused_only_where_the_schedule_depends_on_it(tm
                                                                             digits_data_dir):
   for lr_decay, resumable in (('constant', True), ('cosine', False)):
     workdir = str(tmp_path / lr_decay)
-    config = tiny.edm_config(digits_data_dir, steps=2)
+    # 6 steps: the cosine run is then the resume test's, whose compiled step it shares.
+    config = tiny.edm_config(digits_data_dir, steps=6)
     config.training.lr_decay = lr_decay
     tiny.train(config, workdir)
-    config.training.num_steps = 3
+    config.training.num_steps = 7
     if resumable:
-      assert tiny.train(config, workdir).step == 3
+      assert tiny.train(config, workdir).step == 7
     else:
-      with pytest.raises(WorkdirError, match='training.num_steps: 2 in the workdir, 3 now'):
+      with pytest.raises(WorkdirError, match='training.num_steps: 6 in the workdir, 7 now'):
         tiny.train(config, workdir)
 
 
@@ -156,40 +161,105 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
   assert not os.path.exists(tmp_path / 'run' / 'checkpoints')
 
 
-def _launch(*args):
-  return subprocess.run([sys.executable, 'launch.py', *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=120)
+# launch.py's command-line errors, each a launch of its own: one process imports what every launch
+# imports (absl, the modes, TensorFlow and JAX, which main() imports before it checks anything), then
+# forks a fresh launch per command line (nothing has touched a device or parsed a flag before the fork).
+# Each child runs launch.py's `app.run(main, flags_parser=_parse_flags)` and exits as the interpreter
+# would: an uncaught exception prints its traceback, sys.exit('message') prints the message.
+_LAUNCHES = textwrap.dedent("""
+    import json, os, sys, traceback
+    sys.path.insert(0, os.getcwd())
+    import launch
+    import tensorflow, jax
+    from absl import app
+    results = []
+    for argv, err_path in json.loads(sys.argv[1]):
+      sys.stdout.flush(); sys.stderr.flush()
+      pid = os.fork()
+      if pid == 0:
+        fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 2)
+        code = 0
+        sys.argv = ['launch.py'] + argv  # config_flags reads the overrides from sys.argv.
+        try:
+          app.run(launch.main, flags_parser=launch._parse_flags)
+        except SystemExit as stop:
+          if isinstance(stop.code, int) or stop.code is None:
+            code = stop.code or 0
+          else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+        except BaseException:
+          traceback.print_exc()
+          code = 1
+        sys.stdout.flush(); sys.stderr.flush()
+        os._exit(code)
+      results.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+    print('CODES ' + json.dumps(results))
+""")
 
 
-def test_command_line_overrides_and_their_errors(tmp_path):
-  bad_key = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
-                    '--config.training.lrr=1')
+def _launch_each(tmp_path, *argvs) -> list[subprocess.CompletedProcess]:
+  """What `python launch.py ARGV` gives for each ARGV (its exit status and stderr)."""
+  err_paths = [str(tmp_path / f'launch_{i}.stderr') for i in range(len(argvs))]
+  proc = subprocess.run([sys.executable, '-c', _LAUNCHES,
+                         json.dumps([[list(argv), path] for argv, path in zip(argvs, err_paths)])],
+                        cwd=REPO, capture_output=True, text=True, timeout=180)
+  assert proc.returncode == 0 and 'CODES ' in proc.stdout, proc.stderr[-3000:]
+  codes = json.loads(proc.stdout.split('CODES ')[-1])
+  done = []
+  for argv, path, code in zip(argvs, err_paths, codes):
+    with open(path) as f:
+      done.append(subprocess.CompletedProcess(argv, code, '', f.read()))
+  return done
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+  """The command lines of the three tests below, launched once (see _LAUNCHES)."""
+  tmp = tmp_path_factory.mktemp('launches')
+  workdir = tmp / 'run'
+  argvs = {
+      'bad_key': ['--config=configs/digits_edm.py', f'--workdir={workdir}', '--config.training.lrr=1'],
+      'bad_type': ['--config=configs/digits_edm.py', f'--workdir={workdir}',
+                   '--config.training.lr=fast'],
+      'bad_value': ['--config=configs/digits_edm.py', f'--workdir={workdir}',
+                    '--config.consistency.distance=lp3', '--config.method=cd'],
+      'url': ['--config=configs/digits_edm.py', '--workdir=gs://bucket/runs/x'],
+      'teacher_url': ['--config=configs/digits_cd.py', f'--workdir={workdir}',
+                      '--config.teacher.workdir=s3://bucket/teacher'],
+      'negative_lr': ['--config=configs/digits_cd.py:pseudo_huber', f'--workdir={workdir}',
+                      '--config.training.lr=-1e-4'],
+  }
+  done = dict(zip(argvs, _launch_each(tmp, *argvs.values())))
+  done['workdir'] = workdir
+  return done
+
+
+def test_command_line_overrides_and_their_errors(launched):
+  bad_key = launched['bad_key']
   assert bad_key.returncode != 0
   assert "no 'lrr' in training" in bad_key.stderr and 'lr, lr_decay, lr_end_factor, num_grid_samples' in bad_key.stderr
-  bad_type = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
-                     '--config.training.lr=fast')
+  bad_type = launched['bad_type']
   assert bad_type.returncode != 0 and "could not convert string to float: 'fast'" in bad_type.stderr
-  bad_value = _launch('--config=configs/digits_edm.py', f'--workdir={tmp_path}',
-                      '--config.consistency.distance=lp3', '--config.method=cd')
+  bad_value = launched['bad_value']
   assert bad_value.returncode != 0 and 'consistency.distance' in bad_value.stderr
-  assert not os.path.exists(tmp_path / 'checkpoints')
+  assert not os.path.exists(launched['workdir'] / 'checkpoints')
 
 
-def test_url_workdirs_are_refused_with_what_to_do_instead(tmp_path):
-  url = _launch('--config=configs/digits_edm.py', '--workdir=gs://bucket/runs/x')
+def test_url_workdirs_are_refused_with_what_to_do_instead(launched):
+  url = launched['url']
   assert url.returncode != 0 and 'Traceback' not in url.stderr
   assert 'WorkdirError: --workdir=gs://bucket/runs/x: URL paths are not supported' in url.stderr
   assert 'gcsfuse' in url.stderr and not os.path.exists(os.path.join(REPO, 'gs:'))
-  teacher = _launch('--config=configs/digits_cd.py', f'--workdir={tmp_path}',
-                    '--config.teacher.workdir=s3://bucket/teacher')
+  teacher = launched['teacher_url']
   assert teacher.returncode != 0 and '--config.teacher.workdir=s3://bucket/teacher' in teacher.stderr
-  assert not os.path.exists(tmp_path / 'checkpoints')
+  assert not os.path.exists(launched['workdir'] / 'checkpoints')
 
 
-def test_config_override_applies_and_variants_load(tmp_path):
+def test_config_override_applies_and_variants_load(launched):
   # The override reaches the config with its type: validation then rejects the value itself.
-  negative = _launch('--config=configs/digits_cd.py:pseudo_huber', f'--workdir={tmp_path}',
-                     '--config.training.lr=-1e-4')
+  negative = launched['negative_lr']
   assert negative.returncode != 0 and 'training.lr=-0.0001 must be a positive number' in negative.stderr
   from cm_jax import config_utils
   assert config_utils.load_config_file('configs/digits_cd.py:pseudo_huber').consistency.distance == (
