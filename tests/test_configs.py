@@ -23,6 +23,9 @@ def test_a_record_from_before_the_noise_block_is_the_same_run(tmp_path):
   # The record is of the digits network before it was sized for 8x8 (configs/digits_edm.py).
   config.model.nf, config.model.attn_resolutions = 32, (4,)
   config.model.resblock_type, config.model.fir = 'biggan', True
+  # And of CD's schedule and final samplers before the main job was cut to 10 minutes.
+  config.training.batch_size, config.training.num_steps = 128, 2000
+  config.training.final_samplers = ('onestep', 'multistep', 'teacher_heun')
   migrated = config_utils.migrate(old)
   # The moved fields land in `noise` with today's values; noise fields added since (e.g.
   # time_conditioning) are absent from the record and keep their defaults (checked below).
