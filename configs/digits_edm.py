@@ -1,4 +1,4 @@
-r"""EDM teacher on the embedded digits dataset (8x8 grey), about 5 minutes on 2 CPU cores.
+r"""EDM teacher on the embedded digits dataset (8x8 grey), about 3.5 minutes on 2 CPU cores.
 
   python launch.py --config=configs/digits_edm.py --workdir=runs/digits_edm
 """
