@@ -400,12 +400,9 @@ def main(argv) -> None:
   result = build_result(runs, kinds, orders, reference, f.rounds, f.warmup, f.steps,
                         f.reference_commit)
   result['total_s'] = time.perf_counter() - started
-  from cm_jax import files  # pylint: disable=g-import-not-at-top
-  files.atomic_write(f.out, lambda fh: json.dump(result, fh, indent=2))
-  md_path = os.path.splitext(f.out)[0] + '.md'
-  report = markdown_report(result)
-  files.atomic_write(md_path, lambda fh: fh.write(report))
-  print(report)
+  from benchmarks import run  # pylint: disable=g-import-not-at-top
+  _, md_path = run.write_outputs(result, f.out, markdown_report)
+  print(markdown_report(result))
   print('Wrote', f.out, md_path)
 
 

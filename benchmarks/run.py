@@ -680,11 +680,12 @@ def default_out_path(config_name: str, batch_size: int) -> str:
   return os.path.join('benchmarks', 'results', f'{stem}_b{batch_size}_{jax.default_backend()}.json')
 
 
-def write_outputs(result: dict, out_path: str) -> tuple[str, str]:
-  """Write the JSON and, next to it, the markdown table (same name, .md); returns both paths."""
+def write_outputs(result: dict, out_path: str,
+                  report: Callable[[dict], str] = markdown_report) -> tuple[str, str]:
+  """Write the JSON and, next to it, `report(result)` (same name, .md); returns both paths."""
   files.atomic_write(out_path, lambda f: json.dump(result, f, indent=2))
   md_path = os.path.splitext(out_path)[0] + '.md'
-  files.atomic_write(md_path, lambda f: f.write(markdown_report(result)))
+  files.atomic_write(md_path, lambda f: f.write(report(result)))
   return out_path, md_path
 
 
